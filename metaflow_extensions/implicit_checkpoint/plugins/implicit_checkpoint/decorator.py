@@ -1,0 +1,126 @@
+"""``@checkpoint``: the Metaflow hooks, and nothing else."""
+from __future__ import annotations
+
+from metaflow.decorators import StepDecorator
+from metaflow.exception import MetaflowException
+from metaflow.metadata_provider import MetaDatum
+from metaflow.metaflow_current import current
+
+from .api import CurrentCheckpoint, StepContext
+from .checkpointer import Checkpointer
+from .client import LOADED_FIELD, POSITION_FIELD, ROOT_FIELD
+from .manifest import TaskLocation
+from .store import open_store
+
+LOAD_POLICIES = ("fresh", "eager", "none")
+METAFLOW_OWNED = frozenset({"name", "input", "index", "foreach_stack"})
+ROOT_DIRNAME = "mf.implicit_checkpoints"
+
+
+class CheckpointConfigException(MetaflowException):
+    headline = "Invalid @checkpoint"
+
+
+class CheckpointDecorator(StepDecorator):
+    """
+    Makes a step crash-safe: `current.checkpoint.save()` snapshots the step's attributes
+    and `current.checkpoint.load()` puts them back on `self`, in a later `@retry` attempt
+    or (with `load_policy="eager"`) a later run.
+
+    The state is every public attribute on `self` at save time except Metaflow's own
+    (`name`, `input`, `index`, `foreach_stack`, Parameters), `_`-prefixed names and bound
+    methods. Each attribute is stored once per distinct content, so unchanged attributes
+    are never rewritten.
+
+    Parameters
+    ----------
+    include : List[str], optional, default None
+        Save only these attributes. Mutually exclusive with `exclude`.
+    exclude : List[str], optional, default None
+        Never save these attributes (locks, sockets, clients, scratch data).
+    load_policy : str, default "fresh"
+        "fresh": resume from the latest checkpoint of this task's earlier attempts.
+        "eager": that, else the latest checkpoint of the same step and foreach position
+        from an earlier run in this run's namespace (for `resume` and re-runs).
+        "none": never look up a checkpoint to resume from.
+    root : str, optional, default None
+        fsspec URL of the checkpoint storage. Default: METAFLOW_IMPLICIT_CHECKPOINT_ROOT,
+        else `mf.implicit_checkpoints` beside Metaflow's datastore root.
+
+    MF Add To Current
+    -----------------
+    checkpoint -> CurrentCheckpoint
+        `save(name, metadata, latest)`, `load(reference)`, `is_loaded`, `latest`,
+        `inspect(reference)`, `list(name, attempt, task)`, `lineage(reference)`.
+    """
+
+    name = "checkpoint"
+    defaults = {"include": None, "exclude": None, "load_policy": "fresh", "root": None}
+
+    def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore, logger):
+        self._step = step_name
+        include, exclude = self._names("include"), self._names("exclude")
+        if include is not None and exclude is not None:
+            raise self._error("include= and exclude= are mutually exclusive; use one of them.")
+        owned = [n for n in include or () if n in METAFLOW_OWNED or n.startswith("_")]
+        if owned:
+            raise self._error(f"include= names {owned}, which Metaflow owns; they are never saved.")
+        if self.attributes["load_policy"] not in LOAD_POLICIES:
+            raise self._error(
+                f"load_policy={self.attributes['load_policy']!r} is not one of "
+                f"{', '.join(map(repr, LOAD_POLICIES))}."
+            )
+        root = self.attributes["root"]
+        if root is not None and (not isinstance(root, str) or not root):
+            raise self._error(f"root={root!r} must be a path or an fsspec URL such as 's3://bucket/ckpt'.")
+        self._include, self._exclude = include, exclude
+        self._datastore_root = flow_datastore.datastore_root
+
+    def task_pre_step(
+        self, step_name, task_datastore, metadata, run_id, task_id, flow, graph,
+        retry_count, max_user_code_retries, ubf_context, inputs,
+    ):
+        location = TaskLocation(
+            flow.name, str(run_id), step_name, str(task_id), TaskLocation.position_of(flow.foreach_stack())
+        )
+        url = self._root_url()
+
+        def record(fields):
+            entries = [
+                MetaDatum(field=k, value=v, type="implicit-checkpoint", tags=[f"attempt_id:{retry_count}"])
+                for k, v in fields.items()
+            ]
+            metadata.register_metadata(str(run_id), step_name, str(task_id), entries)
+
+        ctx = StepContext(
+            flow=flow,
+            location=location,
+            attempt=retry_count,
+            load_policy=self.attributes["load_policy"],
+            include=self._include,
+            exclude=self._exclude,
+            reserved=METAFLOW_OWNED | {name for name, _ in flow._get_parameters()},
+            namespace=current.namespace,
+            on_first_use=lambda: record({ROOT_FIELD: url, POSITION_FIELD: location.position}),
+            on_loaded=lambda artifact: record({LOADED_FIELD: artifact.key}),
+        )
+        current._update_env({"checkpoint": CurrentCheckpoint(Checkpointer(open_store(url)), ctx)})
+
+    def _root_url(self) -> str:
+        from metaflow.metaflow_config import IMPLICIT_CHECKPOINT_ROOT
+
+        root = self.attributes["root"] or IMPLICIT_CHECKPOINT_ROOT
+        return root or f"{self._datastore_root.rstrip('/')}/{ROOT_DIRNAME}"
+
+    def _names(self, key):
+        value = self.attributes[key]
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = [n for n in value.split(",") if n]
+        if not isinstance(value, (list, tuple, set)) or not all(isinstance(n, str) for n in value):
+            raise self._error(f"{key}= must be a list of attribute names, not {value!r}.")
+        return list(value)
+
+    def _error(self, message):
+        return CheckpointConfigException(f"@checkpoint on step *{self._step}*: {message}")

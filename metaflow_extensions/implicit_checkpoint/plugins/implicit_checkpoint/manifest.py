@@ -1,0 +1,172 @@
+"""What a checkpoint is, as plain data: where it belongs, what it holds, what it came from.
+
+A checkpoint is one manifest (JSON) that names content-addressed payloads. Everything here is
+a frozen dataclass with ``to_dict``/``from_dict``; lineage is just the ``parent`` key.
+
+A checkpoint key is ``<flow>/<run>/<step>/<task>/<position>/<checkpoint id>``: the task's
+pathspec, then its foreach position (``root`` outside a foreach, ``2`` or ``2.0`` inside
+nested ones), then an id that sorts by creation time. Given the storage root, the key alone
+finds the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import threading
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from typing import Any, Optional
+
+from .exceptions import CheckpointFormatError
+
+FORMAT = "metaflow-implicit-checkpoint"
+FORMAT_VERSION = 1
+ROOT_POSITION = "root"
+
+_ID_RE = re.compile(r"^\d{8}T\d{12}Z-a\d+-[0-9a-f]{8}$")
+_ISO = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+@dataclass(frozen=True)
+class TaskLocation:
+    """Which task a checkpoint belongs to, and its foreach position within the step."""
+
+    flow: str
+    run: str
+    step: str
+    task: str
+    position: str = ROOT_POSITION
+
+    @property
+    def pathspec(self) -> str:
+        return f"{self.flow}/{self.run}/{self.step}/{self.task}"
+
+    def key(self, checkpoint_id: str) -> str:
+        return f"{self.pathspec}/{self.position}/{checkpoint_id}"
+
+    @staticmethod
+    def position_of(foreach_stack: Optional[list]) -> str:
+        """``root`` outside a foreach; the branch indices joined by dots inside one."""
+        if not foreach_stack:
+            return ROOT_POSITION
+        return ".".join(str(frame[0]) for frame in foreach_stack)
+
+
+def parse_key(key: str) -> tuple[TaskLocation, str]:
+    """Split a checkpoint key into its task location and checkpoint id."""
+    parts = key.split("/") if isinstance(key, str) else []
+    if len(parts) != 6 or not all(parts) or not _ID_RE.match(parts[5]):
+        raise CheckpointFormatError(
+            f"{key!r} is not a checkpoint key. A key looks like "
+            "'Flow/run/step/task/position/20260101T000000000000Z-a0-0123abcd'; "
+            "take it from CheckpointArtifact.key or current.checkpoint.list()."
+        )
+    flow, run, step, task, position, checkpoint_id = parts
+    return TaskLocation(flow, run, step, task, position), checkpoint_id
+
+
+_ONE_US = timedelta(microseconds=1)
+_clock_lock = threading.Lock()
+_last_stamp = [datetime.min.replace(tzinfo=timezone.utc)]
+
+
+def new_checkpoint_id(attempt: int) -> tuple[str, str]:
+    """A fresh (checkpoint id, ISO-8601 created_on) pair, strictly increasing in this process."""
+    with _clock_lock:
+        now = datetime.now(timezone.utc)
+        if now <= _last_stamp[0]:  # same microsecond, or the clock stepped back
+            now = _last_stamp[0] + _ONE_US
+        _last_stamp[0] = now
+    compact = now.strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{compact}-a{attempt}-{secrets.token_hex(4)}", now.strftime(_ISO)
+
+
+@dataclass(frozen=True)
+class FieldEntry:
+    """One saved attribute: its type, serialized size and the hash that addresses its bytes."""
+
+    type: str
+    size: int
+    hash: str
+    serializer: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CheckpointArtifact:
+    """A checkpoint as plain, serializable data (what ``save``, ``list`` and ``load`` return).
+
+    ``created_on`` is ISO-8601 UTC with microseconds and ``Z``, so strings sort in time order.
+    ``metadata`` is exactly the user's dict. ``parent`` is the key of the checkpoint this one
+    descends from. ``written`` counts the payload bytes this save actually wrote (unchanged
+    attributes are not rewritten); ``url`` is where the manifest lives.
+    """
+
+    key: str
+    name: str
+    pathspec: str
+    attempt: int
+    created_on: str
+    metadata: dict = field(default_factory=dict)
+    implicit_manifest: dict = field(default_factory=dict)
+    size: int = 0
+    parent: Optional[str] = None
+    url: Optional[str] = None
+    latest: bool = True
+    namespace: Optional[str] = None
+    written: int = 0
+    save_seconds: float = 0.0
+
+    @property
+    def fields(self) -> dict[str, FieldEntry]:
+        return {n: FieldEntry(**f) for n, f in self.implicit_manifest.get("fields", {}).items()}
+
+    @property
+    def location(self) -> TaskLocation:
+        return parse_key(self.key)[0]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CheckpointArtifact":
+        known = {f for f in cls.__dataclass_fields__}
+        missing = {"key", "name", "pathspec", "attempt", "created_on"} - set(data)
+        if missing:
+            raise CheckpointFormatError(
+                f"Not a checkpoint: the dict lacks {sorted(missing)}. Pass "
+                "CheckpointArtifact.to_dict(), a CheckpointArtifact or its key."
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def with_url(self, url: str) -> "CheckpointArtifact":
+        return replace(self, url=url)
+
+
+def manifest_bytes(artifact: CheckpointArtifact) -> bytes:
+    """Serialize a checkpoint's manifest: the artifact minus its url, plus the format stamp."""
+    body = artifact.to_dict()
+    body.pop("url")
+    return json.dumps({"format": FORMAT, "version": FORMAT_VERSION, **body}, sort_keys=True).encode()
+
+
+def read_manifest(data: bytes, url: str) -> CheckpointArtifact:
+    """Parse manifest bytes; refuse anything that is not a manifest or is from a newer format."""
+    try:
+        body = json.loads(data)
+    except ValueError as exc:
+        raise CheckpointFormatError(f"The manifest at {url} is not valid JSON ({exc}).") from exc
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise CheckpointFormatError(f"{url} is not a metaflow-implicit-checkpoint manifest.")
+    version = body.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"The checkpoint at {url} has format version {version!r}, newer than this "
+            f"package reads ({FORMAT_VERSION}). Upgrade metaflow-implicit-checkpoint."
+        )
+    body.pop("format")
+    body.pop("version")
+    return CheckpointArtifact.from_dict({**body, "url": url})

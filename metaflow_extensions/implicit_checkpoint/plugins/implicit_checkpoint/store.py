@@ -1,0 +1,168 @@
+"""Checkpoint storage on any fsspec filesystem, and the commit point.
+
+Layout under the root URL::
+
+    <root>/
+      <flow>/
+        objects/<h[:2]>/<h>                     one payload per distinct content (h = sha256),
+                                                shared by every run, step and task of the flow
+        steps/<step>/<position>/<run>/<task>/
+          <checkpoint id>.json                  one manifest per checkpoint (the commit point)
+
+Write order for a checkpoint: every payload first, then its manifest. A checkpoint exists for
+readers exactly when its manifest exists, so a crash at any instant leaves either the complete
+checkpoint or no manifest at all (only unreferenced payloads, which are harmless).
+
+Each object is written whole or not at all: on a local disk into a temporary name that is then
+renamed (atomic on POSIX); on memory and object stores a single put already is. A payload's
+name is its hash, so a payload that exists is complete and never needs rewriting.
+
+Listing a task's checkpoints lists one directory; finding the newest checkpoint of a foreach
+position across runs lists that position's folder, not the whole store.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import posixpath
+import uuid
+from typing import Iterable, Optional
+
+import fsspec
+
+from .exceptions import CheckpointConfigError, CheckpointNotFound
+from .manifest import TaskLocation
+
+HASH_NAME = "sha256"
+_LOCAL_PROTOCOLS = {"file", "local"}
+
+
+def content_hash(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class CheckpointStore:
+    """Reads and writes payloads and manifests under one fsspec root URL."""
+
+    def __init__(self, url: str, storage_options: Optional[dict] = None):
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except (ImportError, ValueError) as exc:
+            raise CheckpointConfigError(
+                f"Cannot open checkpoint storage {url!r}: {exc}. Use a local path or an "
+                "fsspec URL whose filesystem is installed (for s3://, "
+                "pip install 'metaflow-implicit-checkpoint[s3]')."
+            ) from exc
+        self.url = url.rstrip("/")
+        protocol = self.fs.protocol
+        protocols = {protocol} if isinstance(protocol, str) else set(protocol)
+        self._local = bool(protocols & _LOCAL_PROTOCOLS)
+        self._known: set[str] = set()  # payload hashes seen present, to skip existence checks
+
+    # ----- paths -------------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def _object_path(self, flow: str, digest: str) -> str:
+        return self._path(flow, "objects", digest[:2], digest)
+
+    def _task_dir(self, loc: TaskLocation) -> str:
+        return self._path(loc.flow, "steps", loc.step, loc.position, loc.run, loc.task)
+
+    def manifest_url(self, loc: TaskLocation, checkpoint_id: str) -> str:
+        return self.fs.unstrip_protocol(self._manifest_path(loc, checkpoint_id))
+
+    def _manifest_path(self, loc: TaskLocation, checkpoint_id: str) -> str:
+        return posixpath.join(self._task_dir(loc), checkpoint_id + ".json")
+
+    # ----- payloads ----------------------------------------------------------------------
+    def put_object(self, flow: str, digest: str, data) -> int:
+        """Store a payload under its hash unless present; return the bytes written."""
+        if digest in self._known:
+            return 0
+        path = self._object_path(flow, digest)
+        if self.fs.exists(path):
+            self._known.add(digest)
+            return 0
+        self._write_whole(path, data)
+        self._known.add(digest)
+        return len(data)
+
+    def get_object(self, flow: str, digest: str) -> bytes:
+        try:
+            return self.fs.cat_file(self._object_path(flow, digest))
+        except FileNotFoundError:
+            raise CheckpointNotFound(f"payload {digest} is missing from {self.url}") from None
+
+    def delete_object(self, flow: str, digest: str) -> None:
+        self.fs.rm_file(self._object_path(flow, digest))
+        self._known.discard(digest)
+
+    # ----- manifests ---------------------------------------------------------------------
+    def put_manifest(self, loc: TaskLocation, checkpoint_id: str, data: bytes) -> str:
+        """The commit point: once this returns, the checkpoint is visible and loadable."""
+        path = self._manifest_path(loc, checkpoint_id)
+        self._write_whole(path, data)
+        return self.fs.unstrip_protocol(path)
+
+    def get_manifest(self, loc: TaskLocation, checkpoint_id: str) -> bytes:
+        try:
+            return self.fs.cat_file(self._manifest_path(loc, checkpoint_id))
+        except FileNotFoundError:
+            raise CheckpointNotFound(
+                f"No checkpoint {loc.key(checkpoint_id)} under {self.url}."
+            ) from None
+
+    def list_task(self, loc: TaskLocation) -> list[str]:
+        """Checkpoint ids of one task (all attempts), oldest first."""
+        return sorted(self._ids(self._ls(self._task_dir(loc))))
+
+    def list_position(self, flow: str, step: str, position: str) -> list[tuple[TaskLocation, str]]:
+        """(location, checkpoint id) of every checkpoint of a foreach position, all runs."""
+        base = self._path(flow, "steps", step, position)
+        try:
+            paths = self.fs.find(base)
+        except FileNotFoundError:
+            paths = []
+        found = []
+        for path in paths:
+            rel = posixpath.relpath(path, base).split("/")
+            if len(rel) == 3 and rel[2].endswith(".json"):
+                run, task, name = rel
+                found.append((TaskLocation(flow, run, step, task, position), name[:-5]))
+        return sorted(found, key=lambda item: item[1])
+
+    # ----- internals ---------------------------------------------------------------------
+    def _ls(self, path: str) -> list[str]:
+        try:
+            return self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+
+    @staticmethod
+    def _ids(paths: Iterable[str]) -> Iterable[str]:
+        for path in paths:
+            name = posixpath.basename(path.rstrip("/"))
+            if name.endswith(".json"):
+                yield name[:-5]
+
+    def _write_whole(self, path: str, data) -> None:
+        if not self._local:
+            self.fs.pipe_file(path, data)  # one put: the object appears whole or not at all
+            return
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, path)  # rename: atomic on POSIX
+        except BaseException:
+            if self.fs.exists(tmp):
+                self.fs.rm_file(tmp)
+            raise
+
+
+@functools.lru_cache(maxsize=None)
+def open_store(url: str) -> CheckpointStore:
+    """One store per URL and process, so payloads known to exist are not checked twice."""
+    return CheckpointStore(url)

@@ -1,0 +1,25 @@
+from setuptools import find_namespace_packages, setup
+
+VERSION = "0.1.0"
+
+setup(
+    name="metaflow-implicit-checkpoint",
+    version=VERSION,
+    description="Crash-safe Metaflow steps: @checkpoint snapshots self to any fsspec storage",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=find_namespace_packages(include=["metaflow_extensions.*"]),
+    package_data={"metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint": ["cards/*"]},
+    install_requires=[
+        "metaflow>=2.15",
+        "cloudpickle>=2.2",
+        "fsspec>=2023.6",
+        "jinja2>=3.0",
+    ],
+    extras_require={
+        "s3": ["s3fs>=2023.6"],
+        "dev": ["pytest>=7", "numpy>=1.22", "s3fs>=2023.6", "moto[server]>=5.0"],
+    },
+)
