@@ -37,20 +37,25 @@ class FlowRun:
         return self.proc.returncode == 0
 
 
-@pytest.fixture
-def metaflow_home(tmp_path, monkeypatch):
-    """A private .metaflow for flows run by the test and for the client in this process."""
-    (tmp_path / ".metaflow").mkdir()
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("USERNAME", "tester")
-    monkeypatch.delenv("METAFLOW_IMPLICIT_CHECKPOINT_ROOT", raising=False)
+@pytest.fixture(scope="module")
+def metaflow_home(tmp_path_factory):
+    """A private .metaflow, shared by a test module, for its flows and for the client here."""
     from metaflow import namespace
+    from metaflow.plugins.datastores.local_storage import LocalStorage
 
-    namespace(None)
-    return tmp_path
+    home = tmp_path_factory.mktemp("mf")
+    (home / ".metaflow").mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(home)
+        mp.setenv("USERNAME", "tester")
+        mp.delenv("METAFLOW_IMPLICIT_CHECKPOINT_ROOT", raising=False)
+        # Metaflow's client caches the .metaflow it found first; make it look again, here.
+        mp.setattr(LocalStorage, "datastore_root", None)
+        namespace(None)
+        yield home
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def run_flow(metaflow_home):
     """Run a flow file for real: run_flow(path, "run", "--epochs", "3", env={...})."""
 

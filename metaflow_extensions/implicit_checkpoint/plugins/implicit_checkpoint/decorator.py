@@ -1,6 +1,8 @@
 """``@checkpoint``: the Metaflow hooks, and nothing else."""
 from __future__ import annotations
 
+import sys
+
 from metaflow.decorators import StepDecorator
 from metaflow.exception import MetaflowException
 from metaflow.metadata_provider import MetaDatum
@@ -8,6 +10,7 @@ from metaflow.metaflow_current import current
 
 from .api import CurrentCheckpoint, StepContext
 from .checkpointer import Checkpointer
+from .exceptions import CheckpointError
 from .client import LOADED_FIELD, POSITION_FIELD, ROOT_FIELD
 from .manifest import TaskLocation
 from .store import open_store
@@ -106,6 +109,12 @@ class CheckpointDecorator(StepDecorator):
         )
         current._update_env({"checkpoint": CurrentCheckpoint(Checkpointer(open_store(url)), ctx)})
 
+    def task_exception(self, exception, step_name, flow, graph, retry_count, max_user_code_retries):
+        # Metaflow persists the task's artifacts after this hook; if that fails too (an
+        # unpicklable attribute is often why a save failed), its error hides ours. Say ours first.
+        if isinstance(exception, CheckpointError):
+            print(f"{exception.headline}: {exception}", file=sys.stderr)
+
     def _root_url(self) -> str:
         from metaflow.metaflow_config import IMPLICIT_CHECKPOINT_ROOT
 
@@ -123,4 +132,4 @@ class CheckpointDecorator(StepDecorator):
         return list(value)
 
     def _error(self, message):
-        return CheckpointConfigException(f"@checkpoint on step *{self._step}*: {message}")
+        return CheckpointConfigException(f"@checkpoint on step {self._step}: {message}")

@@ -1,0 +1,106 @@
+"""Every error a user can meet in a real flow: what it says, and that nothing is lost."""
+from __future__ import annotations
+
+import pytest
+from metaflow import Checkpoint, Run
+
+FLOW = """
+import threading
+from metaflow import FlowSpec, checkpoint, current, step
+
+class ErrFlow(FlowSpec):
+    @step
+    def start(self):
+        self.next(self.work)
+
+    @checkpoint({args})
+    @step
+    def work(self):
+{body}
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+if __name__ == "__main__":
+    ErrFlow()
+"""
+
+
+def flow(write_flow, body, args=""):
+    indented = "\n".join("        " + line for line in body.strip().splitlines())
+    return write_flow(FLOW.format(args=args, body=indented))
+
+
+def test_include_and_exclude_are_mutually_exclusive(run_flow, write_flow):
+    """The flow is refused before any task starts, with a message that says why."""
+    result = run_flow(flow(write_flow, "pass", 'include=["a"], exclude=["b"]'), "run", expect_ok=False)
+    assert "mutually exclusive" in result.output and "on step work" in result.output
+    assert "Workflow starting" not in result.output
+
+
+def test_unknown_load_policy_is_refused_before_any_task(run_flow, write_flow):
+    """A misspelt load_policy names the allowed values before the run starts."""
+    result = run_flow(flow(write_flow, "pass", 'load_policy="latest"'), "run", expect_ok=False)
+    assert "load_policy='latest' is not one of 'fresh', 'eager', 'none'" in result.output
+    assert "Workflow starting" not in result.output
+
+
+def test_include_of_a_missing_attribute_names_it(run_flow, write_flow):
+    """include= naming an attribute that is not set fails the save naming step and attribute."""
+    body = "self.a = 1\ncurrent.checkpoint.save()"
+    result = run_flow(flow(write_flow, body, 'include=["a", "epochs"]'), "run", expect_ok=False)
+    assert "in step 'work'" in result.output and "names 'epochs', which is not set on self" in result.output
+
+
+def test_unserializable_attribute_names_it_and_keeps_the_earlier_checkpoint(run_flow, write_flow):
+    """A lock on self fails the save naming it and suggesting exclude=; the checkpoint saved
+    before it is still listed and loads."""
+    body = """
+self.n = 1
+current.checkpoint.save()
+self.lock = threading.Lock()
+current.checkpoint.save()
+"""
+    result = run_flow(flow(write_flow, body), "run", expect_ok=False)
+    assert "Cannot checkpoint self.lock (_thread.lock) in step 'work'" in result.output
+    assert "@checkpoint(exclude=['lock'])" in result.output
+    task = Run(f"ErrFlow/{result.run_id}")["work"].task
+    (only,) = Checkpoint().list(task=task)
+    assert Checkpoint().load(only) == {"n": 1}
+
+
+def test_explicit_reference_that_does_not_exist_raises(run_flow, write_flow):
+    """load(key) of a checkpoint that does not exist is an error naming the key."""
+    body = 'current.checkpoint.load("ErrFlow/1/work/2/root/20260101T000000000000Z-a0-0123abcd")'
+    result = run_flow(flow(write_flow, body), "run", expect_ok=False)
+    assert "CheckpointNotFound: No checkpoint ErrFlow/1/work/2/root/20260101T000000000000Z-a0-0123abcd" in result.output
+
+
+def test_another_flows_checkpoint_is_refused(run_flow, write_flow):
+    """A step cannot load another flow's checkpoint onto self."""
+    body = 'current.checkpoint.load("OtherFlow/1/work/2/root/20260101T000000000000Z-a0-0123abcd")'
+    result = run_flow(flow(write_flow, body), "run", expect_ok=False)
+    assert "belongs to another flow" in result.output
+
+
+def test_bad_metadata_names_the_key(run_flow, write_flow):
+    """Metadata that JSON cannot hold fails the save naming the key and writes nothing."""
+    body = 'self.n = 1\ncurrent.checkpoint.save(metadata={"ok": 1, "when": threading.Lock()})'
+    result = run_flow(flow(write_flow, body), "run", expect_ok=False)
+    assert "the value of key 'when' is not JSON-serializable" in result.output
+    assert Checkpoint().list(task=Run(f"ErrFlow/{result.run_id}")["work"].task) == []
+
+
+def test_a_corrupted_payload_fails_the_load_naming_field_and_checkpoint(run_flow, write_flow, metaflow_home):
+    """load() verifies every payload against its hash."""
+    saved = run_flow(flow(write_flow, "self.weights = list(range(100))\ncurrent.checkpoint.save()"), "run")
+    (artifact,) = Checkpoint().list(task=Run(f"ErrFlow/{saved.run_id}")["work"].task)
+    digest = artifact.implicit_manifest["fields"]["weights"]["hash"].split(":")[1]
+    path = metaflow_home / ".metaflow" / "mf.implicit_checkpoints" / "ErrFlow" / "objects" / digest[:2] / digest
+    path.write_bytes(path.read_bytes()[:-3] + b"xyz")
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.exceptions import CheckpointCorrupt
+
+    with pytest.raises(CheckpointCorrupt, match=f"Field 'weights' of checkpoint {artifact.key} does not match its hash"):
+        Checkpoint().load(artifact)
