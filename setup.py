@@ -1,6 +1,9 @@
+import re
+
 from setuptools import find_namespace_packages, setup
 
-VERSION = "0.1.0"
+VERSION_FILE = "metaflow_extensions/implicit_checkpoint/plugins/implicit_checkpoint/version.py"
+VERSION = re.search(r'"(.+)"', open(VERSION_FILE, encoding="utf-8").read()).group(1)
 
 setup(
     name="metaflow-implicit-checkpoint",
@@ -11,7 +14,6 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_namespace_packages(include=["metaflow_extensions.*"]),
-    package_data={"metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint": ["cards/*"]},
     install_requires=[
         "metaflow>=2.15",
         "cloudpickle>=2.2",
