@@ -19,6 +19,7 @@ setup(
         "cloudpickle>=2.2",
         "fsspec>=2023.6",
         "jinja2>=3.0",
+        "xxhash>=3.0",
     ],
     extras_require={
         "s3": ["s3fs>=2023.6"],

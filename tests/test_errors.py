@@ -95,7 +95,7 @@ def test_bad_metadata_names_the_key(run_flow, write_flow):
 
 def test_a_corrupted_payload_fails_the_load_naming_field_and_checkpoint(run_flow, write_flow, metaflow_home):
     """load() verifies every payload against its hash."""
-    saved = run_flow(flow(write_flow, "self.weights = list(range(100))\ncurrent.checkpoint.save()"), "run")
+    saved = run_flow(flow(write_flow, "self.weights = list(range(5000))\ncurrent.checkpoint.save()"), "run")
     (artifact,) = Checkpoint().list(task=Run(f"ErrFlow/{saved.run_id}")["work"].task)
     digest = artifact.implicit_manifest["fields"]["weights"]["hash"].split(":")[1]
     path = metaflow_home / ".metaflow" / "mf.implicit_checkpoints" / "ErrFlow" / "objects" / digest[:2] / digest

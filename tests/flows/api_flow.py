@@ -40,6 +40,7 @@ class ApiFlow(FlowSpec):
             self.n, self.x, self.s, self.none = 7, 2.5, "text", None
             self.tup, self.st = (1, "a"), {3, 4}
             self.arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+            self.big = np.zeros(100_000)  # large enough to be stored as its own payload
             self.rng = np.random.default_rng(5)
             self.fn = lambda v: v * 3
             self.counter = make_counter(10)

@@ -4,11 +4,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
+from .background import BackgroundSaves, raise_failures
 from .checkpointer import Checkpointer
 from .exceptions import CheckpointFormatError
 from .lineage import lineage as follow_lineage
 from .manifest import CheckpointArtifact, TaskLocation, parse_key
-from .snapshot import select_state
+from .snapshot import DEFAULT_SERIALIZER, select_state
+from .store import CheckpointStore
+from .writer import Capture, capture, commit
+
+# Below this many serialized bytes a save is written in the step: that is cheaper than a fork.
+ASYNC_MIN_BYTES = 8 << 20
 
 Reference = Union[CheckpointArtifact, dict, str]
 
@@ -42,6 +48,8 @@ class StepContext:
     namespace: Optional[str]
     on_first_use: Callable[[], None]
     on_loaded: Callable[[CheckpointArtifact], None]
+    on_saved: Callable[[CheckpointArtifact], None] = lambda artifact: None
+    async_saves: bool = True
 
 
 class CurrentCheckpoint:
@@ -53,6 +61,8 @@ class CurrentCheckpoint:
     def __init__(self, checkpointer: Checkpointer, ctx: StepContext):
         self._checkpointer = checkpointer
         self._ctx = ctx
+        usable = ctx.async_saves and checkpointer.store.shared_across_processes
+        self._background = BackgroundSaves() if usable and BackgroundSaves.available() else None
         self._where = f"step {ctx.location.step!r} ({ctx.location.pathspec}, attempt {ctx.attempt})"
         self._looked_up = False
         self._resumable: Optional[CheckpointArtifact] = None
@@ -86,24 +96,30 @@ class CurrentCheckpoint:
         return self._loaded
 
     # ----- the calls -----------------------------------------------------------------
-    def save(self, name: str = "mfchckpt", metadata: Optional[dict] = None, latest: bool = True) -> CheckpointArtifact:
-        """Snapshot the step's attributes; returns once the checkpoint is durable.
+    def save(
+        self, name: str = "mfchckpt", metadata: Optional[dict] = None, latest: bool = True, wait: bool = False
+    ) -> CheckpointArtifact:
+        """Snapshot the step's attributes and return the checkpoint.
 
+        Returns once the state is captured: large states are written in the background (the
+        returned artifact then lacks field hashes and ``written``; ``wait()`` returns the
+        stored ones). ``wait=True`` returns only when this and every earlier save is durable.
         ``latest=False`` keeps and lists the checkpoint but never picks it for a default
         ``load()``.
         """
         self._first_use()
-        state = select_state(
-            vars(self._ctx.flow),
-            reserved=self._ctx.reserved,
-            include=self._ctx.include,
-            exclude=self._ctx.exclude,
-            where=self._where,
-        )
-        artifact = self._checkpointer.save(
+        self._settle(self._background.poll() if self._background else [])
+        cap = capture(
+            DEFAULT_SERIALIZER,
             self._ctx.location,
             self._ctx.attempt,
-            state,
+            select_state(
+                vars(self._ctx.flow),
+                reserved=self._ctx.reserved,
+                include=self._ctx.include,
+                exclude=self._ctx.exclude,
+                where=self._where,
+            ),
             name=name,
             metadata=metadata,
             latest=latest,
@@ -111,8 +127,36 @@ class CurrentCheckpoint:
             namespace=self._ctx.namespace,
             where=self._where,
         )
-        self._parent = artifact.key
-        return artifact
+        self._parent = cap.key
+        if self._background is None or wait or cap.size < ASYNC_MIN_BYTES:
+            artifact = commit(self._checkpointer.store, cap)
+            self._ctx.on_saved(artifact)
+            if wait:
+                self.wait()
+            return artifact
+        store = self._checkpointer.store
+        self._settle(self._background.submit(cap.key, lambda: _commit_in_child(store, cap)))
+        return cap.artifact({n: {"type": e.type, "size": e.size, "serializer": e.serializer}
+                             for n, e in cap.fields.items()},
+                            url=store.manifest_url(cap.loc, cap.checkpoint_id))
+
+    def wait(self) -> list[CheckpointArtifact]:
+        """Block until every pending save is durable; return them as stored, oldest first.
+        Raises if any of them failed."""
+        return self._settle(self._background.wait() if self._background else [])
+
+    def _settle(self, results: list[dict]) -> list[CheckpointArtifact]:
+        done = []
+        for result in results:
+            if result.get("ok"):
+                artifact = CheckpointArtifact.from_dict(result["artifact"])
+                self._checkpointer.store.remember(
+                    f["hash"].partition(":")[2] for f in artifact.implicit_manifest["fields"].values()
+                )
+                self._ctx.on_saved(artifact)
+                done.append(artifact)
+        raise_failures(results, self._where)
+        return done
 
     def load(self, reference: Optional[Reference] = None) -> Optional[CheckpointArtifact]:
         """Restore a checkpoint's attributes onto ``self`` and return it.
@@ -154,6 +198,7 @@ class CurrentCheckpoint:
             from .client import Checkpoint
 
             return Checkpoint().list(task=task, name=name, attempt=attempt)
+        self._settle(self._background.poll() if self._background else [])
         return self._checkpointer.list(self._ctx.location, name=name, attempt=attempt)
 
     def lineage(self, reference: Optional[Reference] = None) -> list[CheckpointArtifact]:
@@ -178,5 +223,14 @@ class CurrentCheckpoint:
             self._used = True
             self._ctx.on_first_use()
 
+    @property
+    def pending(self) -> int:
+        """How many saves are still being written in the background."""
+        return self._background.pending if self._background else 0
+
     def __repr__(self) -> str:
         return f"<current.checkpoint of {self._ctx.location.pathspec} attempt {self._ctx.attempt}>"
+
+
+def _commit_in_child(store: CheckpointStore, cap: Capture) -> dict:
+    return {"artifact": commit(store.reopened(), cap).to_dict()}

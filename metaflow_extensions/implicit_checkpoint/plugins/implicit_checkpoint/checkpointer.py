@@ -1,98 +1,41 @@
-"""Save, read, restore and find checkpoints: the Metaflow-free engine behind the API.
+"""Reading checkpoints back: find them, describe them from their manifests, restore values.
 
-``save`` call order, ending in the step that makes the checkpoint visible:
-
-1. validate the name and metadata (nothing is written for a bad call);
-2. for each attribute: serialize, hash, write the payload unless the store has that hash;
-3. stamp a time-sortable id and write the manifest: the commit point.
-
-A failure before step 3 leaves no checkpoint and touches no earlier one.
+Restoring reads each payload's frames straight into freshly allocated buffers (one copy, disk to
+memory), hashes them on the way, and only unpickles once every hash matched.
 """
 from __future__ import annotations
 
-import json
-import time
+import base64
+import io
 import warnings
 from typing import Any, Iterable, Optional
 
-from .exceptions import CheckpointCorrupt, CheckpointError, CheckpointNotFound, CheckpointSaveError
-from .manifest import (
-    FORMAT_VERSION,
-    CheckpointArtifact,
-    FieldEntry,
-    TaskLocation,
-    manifest_bytes,
-    new_checkpoint_id,
-    parse_key,
-    read_manifest,
-)
-from .snapshot import SERIALIZERS, Serializer, serialize_field, type_name
-from .store import HASH_NAME, CheckpointStore, content_hash
-
-MAX_NAME_LENGTH = 128
+from .exceptions import CheckpointCorrupt, CheckpointError, CheckpointNotFound
+from .manifest import CheckpointArtifact, FieldEntry, TaskLocation, parse_key, read_manifest
+from .snapshot import SERIALIZERS, read_frame_header
+from .store import HASHES, CheckpointStore
 
 
 class Checkpointer:
     """Checkpoints of any task whose storage is ``store``."""
 
-    def __init__(self, store: CheckpointStore, serializer: Serializer = SERIALIZERS["cloudpickle"]):
+    def __init__(self, store: CheckpointStore):
         self.store = store
-        self.serializer = serializer
-
-    # ----- writing -----------------------------------------------------------------------
-    def save(
-        self,
-        loc: TaskLocation,
-        attempt: int,
-        state: dict[str, Any],
-        *,
-        name: str = "mfchckpt",
-        metadata: Optional[dict] = None,
-        latest: bool = True,
-        parent: Optional[str] = None,
-        namespace: Optional[str] = None,
-        where: str = "the step",
-    ) -> CheckpointArtifact:
-        started = time.perf_counter()
-        check_name(name, where)
-        metadata = check_metadata(metadata, where)
-        fields, size, written = {}, 0, 0
-        for attr, value in state.items():
-            data = serialize_field(self.serializer, attr, value, where)
-            digest = content_hash(data)
-            written += self.store.put_object(loc.flow, digest, data)
-            entry = FieldEntry(type_name(value), len(data), f"{HASH_NAME}:{digest}", self.serializer.name)
-            fields[attr] = entry.to_dict()
-            size += len(data)
-            del data  # hold at most one serialized attribute at a time
-        checkpoint_id, created_on = new_checkpoint_id(attempt)
-        artifact = CheckpointArtifact(
-            key=loc.key(checkpoint_id),
-            name=name,
-            pathspec=loc.pathspec,
-            attempt=attempt,
-            created_on=created_on,
-            metadata=metadata,
-            implicit_manifest={"version": FORMAT_VERSION, "fields": fields},
-            size=size,
-            parent=parent,
-            latest=latest,
-            namespace=namespace,
-            written=written,
-            save_seconds=round(time.perf_counter() - started, 6),
-        )
-        url = self.store.put_manifest(loc, checkpoint_id, manifest_bytes(artifact))
-        return artifact.with_url(url)
 
     # ----- reading -----------------------------------------------------------------------
     def read(self, key: str) -> CheckpointArtifact:
         """The checkpoint with this key, from its manifest alone (payloads are not read)."""
+        return self._read_stored(key)[0]
+
+    def _read_stored(self, key: str) -> tuple[CheckpointArtifact, dict]:
         loc, checkpoint_id = parse_key(key)
         data = self.store.get_manifest(loc, checkpoint_id)
         return read_manifest(data, self.store.manifest_url(loc, checkpoint_id))
 
     def restore(self, artifact: CheckpointArtifact, fields: Optional[Iterable[str]] = None) -> dict[str, Any]:
-        """Fetch, verify and deserialize the payloads of a checkpoint."""
+        """Fetch, verify and deserialize the payloads of a checkpoint (as its stored manifest
+        describes them, whatever the artifact passed in says)."""
+        artifact, inline = self._read_stored(artifact.key)
         entries = artifact.fields
         wanted = list(entries) if fields is None else list(fields)
         unknown = [n for n in wanted if n not in entries]
@@ -101,30 +44,36 @@ class Checkpointer:
                 f"Checkpoint {artifact.key} has no field {', '.join(map(repr, unknown))}; "
                 f"it holds {sorted(entries)}."
             )
-        return {n: self._restore_field(artifact, n, entries[n]) for n in wanted}
+        return {n: self._restore_field(artifact, n, entries[n], inline.get(n)) for n in wanted}
 
-    def _restore_field(self, artifact: CheckpointArtifact, name: str, entry: FieldEntry) -> Any:
+    def _restore_field(self, artifact: CheckpointArtifact, name: str, entry: FieldEntry, inline) -> Any:
         algorithm, _, digest = entry.hash.partition(":")
+        serializer = SERIALIZERS.get(entry.serializer)
+        if serializer is None or algorithm not in HASHES:
+            raise CheckpointCorrupt(
+                f"Field {name!r} of checkpoint {artifact.key} uses {entry.serializer!r} / "
+                f"{algorithm!r}, unknown here. Upgrade metaflow-implicit-checkpoint."
+            )
         try:
-            data = self.store.get_object(artifact.location.flow, digest)
+            if inline is not None:
+                frames = _read_frames(io.BytesIO(base64.b64decode(inline)), HASHES[algorithm]())
+            else:
+                with self.store.open_object(artifact.location.flow, digest) as f:
+                    frames = _read_frames(f, HASHES[algorithm]())
         except CheckpointNotFound:
             raise CheckpointCorrupt(
                 f"Field {name!r} of checkpoint {artifact.key} is missing its payload "
                 f"({entry.hash}). Load an earlier checkpoint (see list())."
             ) from None
-        if algorithm != HASH_NAME or content_hash(data) != digest:
+        except (ValueError, EOFError):
+            frames = None
+        if frames is None or frames[0] != digest:
             raise CheckpointCorrupt(
                 f"Field {name!r} of checkpoint {artifact.key} does not match its hash "
                 f"{entry.hash}: the stored bytes were damaged. Load an earlier checkpoint "
                 "(see list())."
             )
-        serializer = SERIALIZERS.get(entry.serializer)
-        if serializer is None:
-            raise CheckpointCorrupt(
-                f"Field {name!r} of checkpoint {artifact.key} uses serializer "
-                f"{entry.serializer!r}, unknown here. Upgrade metaflow-implicit-checkpoint."
-            )
-        return serializer.loads(data)
+        return serializer.loads(frames[1], frames[2])
 
     def list(self, loc: TaskLocation, name: Optional[str] = None, attempt: Optional[int] = None) -> list[CheckpointArtifact]:
         """A task's checkpoints over all its attempts, newest first by creation time."""
@@ -164,43 +113,42 @@ class Checkpointer:
                 warnings.warn(f"Skipping unreadable checkpoint {loc.key(checkpoint_id)}: {exc}")
 
 
+def _read_frames(f, hasher) -> tuple[str, bytes, list]:
+    """(hash, body, buffers) of one framed payload, each buffer read straight into place."""
+    header = bytearray()
+
+    def read_header(n: int) -> bytes:
+        data = f.read(n)
+        if len(data) != n:
+            raise EOFError("payload is truncated")
+        header.extend(data)
+        return data
+
+    body_len, *buffer_lens = read_frame_header(read_header)
+    body = f.read(body_len)
+    buffers = [_new_buffer(n) for n in buffer_lens]
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")
+        while view:
+            n = f.readinto(view)
+            if not n:
+                raise EOFError("payload is truncated")
+            view = view[n:]
+    if len(body) != body_len or f.read(1):
+        raise EOFError("payload has the wrong length")
+    for part in (header, body, *buffers):
+        hasher.update(part)
+    return hasher.hexdigest(), body, buffers
+
+
 def _attempt_of(checkpoint_id: str) -> int:
     return int(checkpoint_id.split("-")[1][1:])
 
 
-def check_name(name: Any, where: str) -> None:
-    if (
-        not isinstance(name, str)
-        or not name
-        or len(name) > MAX_NAME_LENGTH
-        or "/" in name
-        or "\\" in name
-        or ".." in name
-        or any(ord(c) < 32 or ord(c) == 127 for c in name)
-    ):
-        raise CheckpointSaveError(
-            f"Invalid checkpoint name {name!r} in {where}: use 1 to {MAX_NAME_LENGTH} "
-            "printable characters without '/', '\\' or '..' (for example 'epoch-end')."
-        )
+def _new_buffer(size: int):
+    try:  # numpy's allocator uses huge pages where it can: much faster to fill than bytearray
+        import numpy
 
-
-def check_metadata(metadata: Optional[dict], where: str) -> dict:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict):
-        raise CheckpointSaveError(
-            f"save(metadata=...) in {where} must be a dict, not {type_name(metadata)}."
-        )
-    for key, value in metadata.items():
-        try:
-            json.dumps({key: value}, allow_nan=True)
-        except (TypeError, ValueError) as exc:
-            raise CheckpointSaveError(
-                f"save(metadata=...) in {where}: the value of key {key!r} is not "
-                f"JSON-serializable ({exc}). Convert it, e.g. float(x) or str(x)."
-            ) from None
-        if not isinstance(key, str):
-            raise CheckpointSaveError(
-                f"save(metadata=...) in {where}: key {key!r} must be a string."
-            )
-    return json.loads(json.dumps(metadata))
+        return numpy.empty(size, dtype=numpy.uint8)
+    except ImportError:
+        return bytearray(size)

@@ -49,16 +49,19 @@ class CheckpointDecorator(StepDecorator):
     root : str, optional, default None
         fsspec URL of the checkpoint storage. Default: METAFLOW_IMPLICIT_CHECKPOINT_ROOT,
         else `mf.implicit_checkpoints` beside Metaflow's datastore root.
+    async_saves : bool, default True
+        Write large saves in the background while the step runs on. False: every `save()`
+        returns only when its checkpoint is durable.
 
     MF Add To Current
     -----------------
     checkpoint -> CurrentCheckpoint
-        `save(name, metadata, latest)`, `load(reference)`, `is_loaded`, `latest`,
-        `inspect(reference)`, `list(name, attempt, task)`, `lineage(reference)`.
+        `save(name, metadata, latest, wait)`, `wait()`, `load(reference)`, `is_loaded`,
+        `latest`, `inspect(reference)`, `list(name, attempt, task)`, `lineage(reference)`.
     """
 
     name = "checkpoint"
-    defaults = {"include": None, "exclude": None, "load_policy": "fresh", "root": None}
+    defaults = {"include": None, "exclude": None, "load_policy": "fresh", "root": None, "async_saves": True}
 
     def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore, logger):
         self._step = step_name
@@ -106,12 +109,21 @@ class CheckpointDecorator(StepDecorator):
             namespace=current.namespace,
             on_first_use=lambda: record({ROOT_FIELD: url, POSITION_FIELD: location.position}),
             on_loaded=lambda artifact: record({LOADED_FIELD: artifact.key}),
+            async_saves=str(self.attributes["async_saves"]).lower() not in ("false", "0"),
         )
-        current._update_env({"checkpoint": CurrentCheckpoint(Checkpointer(open_store(url)), ctx)})
+        self._api = CurrentCheckpoint(Checkpointer(open_store(url)), ctx)
+        current._update_env({"checkpoint": self._api})
+
+    def task_post_step(self, step_name, flow, graph, retry_count, max_user_code_retries):
+        self._api.wait()  # the task does not end before its saves are durable (or it fails)
 
     def task_exception(self, exception, step_name, flow, graph, retry_count, max_user_code_retries):
         # Metaflow persists the task's artifacts after this hook; if that fails too (an
         # unpicklable attribute is often why a save failed), its error hides ours. Say ours first.
+        try:
+            self._api.wait()
+        except CheckpointError as failed:
+            print(f"{failed.headline}: {failed}", file=sys.stderr)
         if isinstance(exception, CheckpointError):
             print(f"{exception.headline}: {exception}", file=sys.stderr)
 

@@ -146,15 +146,18 @@ class CheckpointArtifact:
         return replace(self, url=url)
 
 
-def manifest_bytes(artifact: CheckpointArtifact) -> bytes:
-    """Serialize a checkpoint's manifest: the artifact minus its url, plus the format stamp."""
+def manifest_bytes(artifact: CheckpointArtifact, inline: Optional[dict] = None) -> bytes:
+    """Serialize a checkpoint's manifest: the artifact minus its url, the format stamp, and the
+    small payloads kept inline (base64, by field name)."""
     body = artifact.to_dict()
     body.pop("url")
-    return json.dumps({"format": FORMAT, "version": FORMAT_VERSION, **body}, sort_keys=True).encode()
+    stamp = {"format": FORMAT, "version": FORMAT_VERSION, "inline": inline or {}}
+    return json.dumps({**stamp, **body}, sort_keys=True).encode()
 
 
-def read_manifest(data: bytes, url: str) -> CheckpointArtifact:
-    """Parse manifest bytes; refuse anything that is not a manifest or is from a newer format."""
+def read_manifest(data: bytes, url: str) -> tuple[CheckpointArtifact, dict]:
+    """Parse manifest bytes into the checkpoint and its inline payloads; refuse anything that
+    is not a manifest or is from a newer format."""
     try:
         body = json.loads(data)
     except ValueError as exc:
@@ -169,4 +172,5 @@ def read_manifest(data: bytes, url: str) -> CheckpointArtifact:
         )
     body.pop("format")
     body.pop("version")
-    return CheckpointArtifact.from_dict({**body, "url": url})
+    inline = body.pop("inline", {})
+    return CheckpointArtifact.from_dict({**body, "url": url}), inline
