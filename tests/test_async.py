@@ -12,23 +12,16 @@ import numpy as np
 import pytest
 
 from faults import FaultyFileSystem
-from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.api import CurrentCheckpoint, StepContext
-from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.checkpointer import Checkpointer
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.api import standalone
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.exceptions import CheckpointSaveError
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.manifest import TaskLocation
-from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import CheckpointStore
 
 MB = 1 << 20
 
 
 def make_api(root: str, attempt: int = 0, async_saves: bool = True):
     flow = types.SimpleNamespace()
-    ctx = StepContext(
-        flow=flow, location=TaskLocation("F", "1", "train", "2"), attempt=attempt,
-        load_policy="fresh", include=None, exclude=None, reserved=frozenset(), namespace=None,
-        on_first_use=lambda: None, on_loaded=lambda a: None, async_saves=async_saves,
-    )
-    return flow, CurrentCheckpoint(Checkpointer(CheckpointStore(root)), ctx)
+    return flow, standalone(flow, root, TaskLocation("F", "1", "train", "2"), attempt, async_saves)
 
 
 @pytest.fixture

@@ -171,9 +171,10 @@ def test_newer_format_asks_for_an_upgrade(cp):
     """A manifest from a future format version gives an 'upgrade' error."""
     artifact = save(cp, LOC, 0, {"n": 1})
     loc, cid = parse_key(artifact.key)
-    body = json.loads(cp.store.get_manifest(loc, cid))
+    head, _, inline = cp.store.get_manifest(loc, cid).partition(b"\n")
+    body = json.loads(head)
     body["version"] = 99
-    cp.store.put_manifest(loc, cid, json.dumps(body).encode())
+    cp.store.put_manifest(loc, cid, json.dumps(body).encode() + b"\n" + inline)
     with pytest.raises(CheckpointFormatError, match="Upgrade metaflow-implicit-checkpoint"):
         cp.read(artifact.key)
 
@@ -255,9 +256,10 @@ def test_tampered_inline_payload_fails_its_hash(cp):
     """Inline payloads are verified like stored ones."""
     artifact = save(cp, LOC, 0, {"n": 12345})
     loc, cid = parse_key(artifact.key)
-    body = json.loads(cp.store.get_manifest(loc, cid))
-    body["inline"]["n"] = body["inline"]["n"][:-4] + "AAA="
-    cp.store.put_manifest(loc, cid, json.dumps(body).encode())
+    head, _, inline = cp.store.get_manifest(loc, cid).partition(b"\n")
+    payloads = json.loads(inline)
+    payloads["n"] = payloads["n"][:-4] + "AAA="
+    cp.store.put_manifest(loc, cid, head + b"\n" + json.dumps(payloads).encode())
     with pytest.raises(CheckpointCorrupt, match="Field 'n' .* does not match its hash"):
         cp.restore(artifact)
 

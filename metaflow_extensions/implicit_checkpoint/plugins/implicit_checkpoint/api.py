@@ -10,7 +10,7 @@ from .exceptions import CheckpointFormatError
 from .lineage import lineage as follow_lineage
 from .manifest import CheckpointArtifact, TaskLocation, parse_key
 from .snapshot import DEFAULT_SERIALIZER, select_state
-from .store import CheckpointStore
+from .store import CheckpointStore, open_store
 from .writer import Capture, capture, commit
 
 # Below this many serialized bytes a save is written in the step: that is cheaper than a fork.
@@ -130,6 +130,7 @@ class CurrentCheckpoint:
         self._parent = cap.key
         if self._background is None or wait or cap.size < ASYNC_MIN_BYTES:
             artifact = commit(self._checkpointer.store, cap)
+            self._checkpointer.remember(artifact)
             self._ctx.on_saved(artifact)
             if wait:
                 self.wait()
@@ -150,6 +151,7 @@ class CurrentCheckpoint:
         for result in results:
             if result.get("ok"):
                 artifact = CheckpointArtifact.from_dict(result["artifact"])
+                self._checkpointer.remember(artifact)
                 self._checkpointer.store.remember(
                     f["hash"].partition(":")[2] for f in artifact.implicit_manifest["fields"].values()
                 )
@@ -230,6 +232,17 @@ class CurrentCheckpoint:
 
     def __repr__(self) -> str:
         return f"<current.checkpoint of {self._ctx.location.pathspec} attempt {self._ctx.attempt}>"
+
+
+def standalone(obj: Any, root: str, location: TaskLocation, attempt: int = 0, async_saves: bool = True) -> CurrentCheckpoint:
+    """``current.checkpoint`` for a plain object outside Metaflow (scripts, tests, benchmarks):
+    its public attributes are the state, stored under ``root`` as if by task ``location``."""
+    ctx = StepContext(
+        flow=obj, location=location, attempt=attempt, load_policy="fresh", include=None,
+        exclude=None, reserved=frozenset(), namespace=None, on_first_use=lambda: None,
+        on_loaded=lambda artifact: None, async_saves=async_saves,
+    )
+    return CurrentCheckpoint(Checkpointer(open_store(root)), ctx)
 
 
 def _commit_in_child(store: CheckpointStore, cap: Capture) -> dict:

@@ -11,7 +11,7 @@ import warnings
 from typing import Any, Iterable, Optional
 
 from .exceptions import CheckpointCorrupt, CheckpointError, CheckpointNotFound
-from .manifest import CheckpointArtifact, FieldEntry, TaskLocation, parse_key, read_manifest
+from .manifest import CheckpointArtifact, FieldEntry, TaskLocation, parse_key, read_inline, read_manifest
 from .snapshot import SERIALIZERS, read_frame_header
 from .store import HASHES, CheckpointStore
 
@@ -21,6 +21,15 @@ class Checkpointer:
 
     def __init__(self, store: CheckpointStore):
         self.store = store
+        # Manifests never change once written, so what was parsed (or saved) here is reused;
+        # a listing still decides which checkpoints exist.
+        self._parsed: dict[str, CheckpointArtifact] = {}
+
+    def remember(self, artifact: CheckpointArtifact) -> None:
+        """Keep a checkpoint this process saved, so listing it needs no read."""
+        if len(self._parsed) > 100_000:
+            self._parsed.clear()
+        self._parsed[artifact.key] = artifact
 
     # ----- reading -----------------------------------------------------------------------
     def read(self, key: str) -> CheckpointArtifact:
@@ -30,7 +39,8 @@ class Checkpointer:
     def _read_stored(self, key: str) -> tuple[CheckpointArtifact, dict]:
         loc, checkpoint_id = parse_key(key)
         data = self.store.get_manifest(loc, checkpoint_id)
-        return read_manifest(data, self.store.manifest_url(loc, checkpoint_id))
+        url = self.store.manifest_url(loc, checkpoint_id)
+        return read_manifest(data, url), read_inline(data, url)
 
     def restore(self, artifact: CheckpointArtifact, fields: Optional[Iterable[str]] = None) -> dict[str, Any]:
         """Fetch, verify and deserialize the payloads of a checkpoint (as its stored manifest
@@ -90,9 +100,10 @@ class Checkpointer:
         ``other_runs``, else the newest of the same flow, step and foreach position in
         earlier runs of ``namespace``."""
         own = [i for i in reversed(self.store.list_task(loc)) if _attempt_of(i) < attempt]
-        for artifact in self._read_many(loc, own):
-            if artifact.latest:
-                return artifact
+        for start in range(0, len(own), 16):  # newest first, a few manifests at a time
+            for artifact in self._read_many(loc, own[start:start + 16]):
+                if artifact.latest:
+                    return artifact
         if not other_runs:
             return None
         for other, checkpoint_id in reversed(self.store.list_position(loc.flow, loc.step, loc.position)):
@@ -103,14 +114,18 @@ class Checkpointer:
                     return artifact
         return None
 
-    def _read_many(self, loc: TaskLocation, ids: Iterable[str]) -> Iterable[CheckpointArtifact]:
-        for checkpoint_id in ids:
-            try:
-                yield self.read(loc.key(checkpoint_id))
-            except CheckpointNotFound:
+    def _read_many(self, loc: TaskLocation, ids: Iterable[str]) -> list[CheckpointArtifact]:
+        ids = list(ids)
+        missing = [i for i in ids if loc.key(i) not in self._parsed]
+        folder = self.store.task_url(loc)
+        for checkpoint_id, data in self.store.get_manifests(loc, missing):
+            if data is None:
                 continue  # deleted between listing and reading
+            try:
+                self.remember(read_manifest(data, f"{folder}/{checkpoint_id}.json"))
             except CheckpointError as exc:
                 warnings.warn(f"Skipping unreadable checkpoint {loc.key(checkpoint_id)}: {exc}")
+        return [self._parsed[k] for k in map(loc.key, ids) if k in self._parsed]
 
 
 def _read_frames(f, hasher) -> tuple[str, bytes, list]:

@@ -133,11 +133,11 @@ class CheckpointArtifact:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CheckpointArtifact":
-        known = {f for f in cls.__dataclass_fields__}
-        missing = {"key", "name", "pathspec", "attempt", "created_on"} - set(data)
+        known = cls.__dataclass_fields__
+        missing = [k for k in ("key", "name", "pathspec", "attempt", "created_on") if k not in data]
         if missing:
             raise CheckpointFormatError(
-                f"Not a checkpoint: the dict lacks {sorted(missing)}. Pass "
+                f"Not a checkpoint: the dict lacks {missing}. Pass "
                 "CheckpointArtifact.to_dict(), a CheckpointArtifact or its key."
             )
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -147,30 +147,38 @@ class CheckpointArtifact:
 
 
 def manifest_bytes(artifact: CheckpointArtifact, inline: Optional[dict] = None) -> bytes:
-    """Serialize a checkpoint's manifest: the artifact minus its url, the format stamp, and the
-    small payloads kept inline (base64, by field name)."""
+    """A manifest file: one JSON line describing the checkpoint (the artifact minus its url,
+    plus the format stamp), then one JSON line of the small payloads kept inline (base64 by
+    field name), so listing checkpoints never parses their payloads."""
     body = artifact.to_dict()
     body.pop("url")
-    stamp = {"format": FORMAT, "version": FORMAT_VERSION, "inline": inline or {}}
-    return json.dumps({**stamp, **body}, sort_keys=True).encode()
+    head = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, **body}, sort_keys=True)
+    return f"{head}\n{json.dumps(inline or {})}".encode()
 
 
-def read_manifest(data: bytes, url: str) -> tuple[CheckpointArtifact, dict]:
-    """Parse manifest bytes into the checkpoint and its inline payloads; refuse anything that
-    is not a manifest or is from a newer format."""
+def read_manifest(data: bytes, url: str) -> CheckpointArtifact:
+    """Parse a manifest's first line; refuse anything that is not a manifest or is from a
+    newer format."""
     try:
-        body = json.loads(data)
+        body = json.loads(data.partition(b"\n")[0])
     except ValueError as exc:
         raise CheckpointFormatError(f"The manifest at {url} is not valid JSON ({exc}).") from exc
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise CheckpointFormatError(f"{url} is not a metaflow-implicit-checkpoint manifest.")
-    version = body.get("version")
+    version = body.pop("version", None)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointFormatError(
             f"The checkpoint at {url} has format version {version!r}, newer than this "
             f"package reads ({FORMAT_VERSION}). Upgrade metaflow-implicit-checkpoint."
         )
-    body.pop("format")
-    body.pop("version")
-    inline = body.pop("inline", {})
-    return CheckpointArtifact.from_dict({**body, "url": url}), inline
+    del body["format"]
+    body["url"] = url
+    return CheckpointArtifact.from_dict(body)
+
+
+def read_inline(data: bytes, url: str) -> dict:
+    """The inline payloads of a manifest (its second line)."""
+    try:
+        return json.loads(data.partition(b"\n")[2] or b"{}")
+    except ValueError as exc:
+        raise CheckpointFormatError(f"The manifest at {url} is not valid JSON ({exc}).") from exc

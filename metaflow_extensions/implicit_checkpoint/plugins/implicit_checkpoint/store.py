@@ -135,6 +135,27 @@ class CheckpointStore:
                 f"No checkpoint {loc.key(checkpoint_id)} under {self.url}."
             ) from None
 
+    def get_manifests(self, loc: TaskLocation, ids: list[str]) -> Iterable[tuple[str, Optional[bytes]]]:
+        """(id, manifest bytes or None if gone) for several checkpoints of one task; remote
+        stores fetch them concurrently."""
+        paths = [self._manifest_path(loc, i) for i in ids]
+        if self._local:
+            for checkpoint_id, path in zip(ids, paths):
+                try:
+                    with open(path, "rb") as f:
+                        yield checkpoint_id, f.read()
+                except FileNotFoundError:
+                    yield checkpoint_id, None
+            return
+        found = self.fs.cat(paths, on_error="return") if paths else {}
+        for checkpoint_id, path in zip(ids, paths):
+            data = found.get(path)
+            yield checkpoint_id, data if isinstance(data, bytes) else None
+
+    def task_url(self, loc: TaskLocation) -> str:
+        """URL of the folder holding a task's manifests (a manifest is ``<id>.json`` in it)."""
+        return self.fs.unstrip_protocol(self._task_dir(loc))
+
     def list_task(self, loc: TaskLocation) -> list[str]:
         """Checkpoint ids of one task (all attempts), oldest first."""
         return sorted(self._ids(self._ls(self._task_dir(loc))))
