@@ -19,6 +19,7 @@ setup(
         "cloudpickle>=2.2",
         "fsspec>=2023.6",
         "jinja2>=3.0",
+        "orjson>=3.6",
         "xxhash>=3.0",
     ],
     extras_require={

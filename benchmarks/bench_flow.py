@@ -21,8 +21,8 @@ class BenchFlow(FlowSpec):
         figures.update(measure.incremental(current.checkpoint, self))
         figures.update(measure.load_speed(current.checkpoint, self, scratch, current.checkpoint.list()[0]))
         figures.update(measure.small_saves(current.checkpoint, self))
-        self.figures = figures
         measure.clear_state(self)  # not artifacts: Metaflow would store 200 MB more
+        self.figures, self.speed_task = figures, current.task_id
         self.next(self.memory_save)
 
     @checkpoint
@@ -41,6 +41,18 @@ class BenchFlow(FlowSpec):
         extra = max(0, measure.peak_rss() - before - self.w.nbytes) / measure.STATE
         self.figures = {**figures, "load_peak_extra_vs_state": extra}
         del self.w
+        self.next(self.listing)
+
+    @step
+    def listing(self):
+        """A fresh process lists the speed step's 1000 checkpoints through the client."""
+        from metaflow import Checkpoint
+
+        speed = f"{current.flow_name}/{current.run_id}/speed/{self.speed_task}"
+        started = measure.time.perf_counter()
+        listed = Checkpoint().list(task=speed)
+        elapsed = (measure.time.perf_counter() - started) * 1000
+        self.figures = {**self.figures, "cold_list_ms": elapsed, "cold_listed": len(listed)}
         self.next(self.end)
 
     @step

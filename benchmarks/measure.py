@@ -34,7 +34,7 @@ def _median(values) -> float:
 
 def clear_state(flow) -> None:
     """Drop the state attributes (in a step: so Metaflow does not also store them)."""
-    for name in [n for n in vars(flow) if not n.startswith("_") and n not in ("name", "figures")]:
+    for name in [n for n in vars(flow) if not n.startswith("_") and n != "name"]:
         delattr(flow, name)
 
 
@@ -124,6 +124,13 @@ def core_api(root: str, attempt: int = 0):
     return flow, standalone(flow, root, TaskLocation("BenchFlow", "1", "core", "1"), attempt)
 
 
+def cold_list(api) -> dict:
+    """Figure 5 in a fresh process: list() parsing every manifest, nothing cached."""
+    started = time.perf_counter()
+    listed = api.list()
+    return {"cold_list_ms": (time.perf_counter() - started) * 1000, "cold_listed": len(listed)}
+
+
 def peak_rss() -> int:
     """Peak resident memory of this process so far, in bytes."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -145,11 +152,12 @@ def memory_of_load(api, flow) -> dict:
 
 
 if __name__ == "__main__" and len(sys.argv) == 3:
-    # Fresh-process memory figures against the core: python measure.py save|load ROOT
+    # Fresh-process figures against the core: python measure.py save|load|list ROOT
     import json
 
     kind, root = sys.argv[1], sys.argv[2]
     flow, api = core_api(root, attempt=0 if kind == "save" else 1)
-    result = memory_of_save(api, flow) if kind == "save" else memory_of_load(api, flow)
+    measures = {"save": memory_of_save, "load": memory_of_load, "list": lambda api, flow: cold_list(api)}
+    result = measures[kind](api, flow)
     print(json.dumps(result))
     os._exit(0)

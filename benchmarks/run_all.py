@@ -30,10 +30,11 @@ ROWS = [  # (figure, key, target, format)
     ("4. 20 small attrs: median ms/save", "small_median_ms", "<= 1", "{:.3f}"),
     ("4. 20 small attrs: p99 ms/save", "small_p99_ms", "", "{:.3f}"),
     ("4. objects written per small save", "objects_per_small_save", "", "{:.2f}"),
-    ("5. list() of 1000 checkpoints: ms", "list_ms", "<= 50", "{:.1f}"),
+    ("5. list() of 1000 checkpoints, in the saving task: ms", "list_ms", "<= 50", "{:.1f}"),
+    ("5. list() of 1000 checkpoints, fresh process: ms", "cold_list_ms", "<= 50", "{:.1f}"),
     ("5. inspect() of one: ms", "inspect_ms", "<= 5", "{:.2f}"),
     ("6. load / numpy.load (200 MB)", "load_vs_numpy_load", "<= 1.2", "{:.2f}"),
-    ("7. task-end overhead, saves once: s", "task_end_overhead_s", "", "{:+.3f}"),
+    ("7. task duration, saves once, minus undecorated: s", "task_end_overhead_s", "", "{:+.3f}"),
 ]
 
 
@@ -44,8 +45,8 @@ def core_figures(work: Path) -> dict:
     figures.update(measure.load_speed(api, flow, work, api.list()[0]))
     flow, api = measure.core_api(str(work / "small"))
     figures.update(measure.small_saves(api, flow))
-    for kind in ("save", "load"):
-        out = subprocess.run([sys.executable, str(HERE / "measure.py"), kind, str(work / "mem")],
+    for kind, root in (("save", "mem"), ("load", "mem"), ("list", "small")):
+        out = subprocess.run([sys.executable, str(HERE / "measure.py"), kind, str(work / root)],
                              capture_output=True, text=True, check=True).stdout
         figures.update(json.loads(out))
     return figures
@@ -69,10 +70,14 @@ def step_figures(work: Path) -> dict:
     os.chdir(home)
     LocalStorage.datastore_root = None
     namespace(None)
-    figures = dict(Flow("BenchFlow").latest_run["memory_load"].task["figures"].data)
-    plain = [_run("overhead_flow.py", "run", cwd=home) for _ in range(3)]
-    decorated = [_run("overhead_flow.py", "run", "--with", "checkpoint", cwd=home) for _ in range(3)]
-    figures["task_end_overhead_s"] = statistics.median(decorated) - statistics.median(plain)
+    figures = dict(Flow("BenchFlow").latest_run["end"].task["figures"].data)
+    durations = {}
+    for label, extra in (("plain", ()), ("decorated", ("--with", "checkpoint"))):
+        for _ in range(5):
+            _run("overhead_flow.py", "run", *extra, cwd=home)
+            task = Flow("OverheadFlow").latest_run["start"].task
+            durations.setdefault(label, []).append((task.finished_at - task.created_at).total_seconds())
+    figures["task_end_overhead_s"] = statistics.median(durations["decorated"]) - statistics.median(durations["plain"])
     return figures
 
 

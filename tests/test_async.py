@@ -83,7 +83,12 @@ def test_background_failure_surfaces_at_the_next_save(faulty, monkeypatch):
 
 
 def _pss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+    """Proportional set size of a process (0 once it has exited)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
         if line.startswith("Pss:"):
             return int(line.split()[1])
     raise AssertionError("no Pss line")

@@ -273,3 +273,11 @@ def test_arrays_restore_writable_with_their_layout(cp):
         np.testing.assert_array_equal(back[name], value)
         assert back[name].dtype == value.dtype and back[name].flags.writeable
     assert back["f"].flags.f_contiguous
+
+
+def test_nan_metadata_round_trips(cp):
+    """A NaN loss in metadata is kept, and the checkpoint still lists and reads."""
+    artifact = save(cp, LOC, 0, {"n": 1}, metadata={"loss": float("nan"), "best": float("inf")})
+    (listed,) = cp.list(LOC)
+    assert np.isnan(listed.metadata["loss"]) and listed.metadata["best"] == float("inf")
+    assert listed.key == artifact.key

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
 
+import orjson
+
 from .exceptions import CheckpointFormatError
 
 FORMAT = "metaflow-implicit-checkpoint"
@@ -160,7 +162,7 @@ def read_manifest(data: bytes, url: str) -> CheckpointArtifact:
     """Parse a manifest's first line; refuse anything that is not a manifest or is from a
     newer format."""
     try:
-        body = json.loads(data.partition(b"\n")[0])
+        body = _loads(data.partition(b"\n")[0])
     except ValueError as exc:
         raise CheckpointFormatError(f"The manifest at {url} is not valid JSON ({exc}).") from exc
     if not isinstance(body, dict) or body.get("format") != FORMAT:
@@ -179,6 +181,13 @@ def read_manifest(data: bytes, url: str) -> CheckpointArtifact:
 def read_inline(data: bytes, url: str) -> dict:
     """The inline payloads of a manifest (its second line)."""
     try:
-        return json.loads(data.partition(b"\n")[2] or b"{}")
+        return _loads(data.partition(b"\n")[2] or b"{}")
     except ValueError as exc:
         raise CheckpointFormatError(f"The manifest at {url} is not valid JSON ({exc}).") from exc
+
+
+def _loads(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)  # twice as fast as json: list() parses every manifest
+    except orjson.JSONDecodeError:
+        return json.loads(data)  # NaN and Infinity in user metadata, which orjson refuses
