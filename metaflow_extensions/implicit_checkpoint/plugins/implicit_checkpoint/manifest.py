@@ -135,6 +135,10 @@ class CheckpointArtifact:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CheckpointArtifact":
+        try:
+            return cls(**data)  # the common case: exactly our own to_dict()
+        except TypeError:
+            pass
         known = cls.__dataclass_fields__
         missing = [k for k in ("key", "name", "pathspec", "attempt", "created_on") if k not in data]
         if missing:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import posixpath
 import uuid
 from typing import IO, Iterable, Optional, Sequence
@@ -138,14 +139,11 @@ class CheckpointStore:
     def get_manifests(self, loc: TaskLocation, ids: list[str]) -> Iterable[tuple[str, Optional[bytes]]]:
         """(id, manifest bytes or None if gone) for several checkpoints of one task; remote
         stores fetch them concurrently."""
-        paths = [self._manifest_path(loc, i) for i in ids]
+        folder = self._task_dir(loc)
+        paths = [f"{folder}/{i}.json" for i in ids]
         if self._local:
             for checkpoint_id, path in zip(ids, paths):
-                try:
-                    with open(path, "rb") as f:
-                        yield checkpoint_id, f.read()
-                except FileNotFoundError:
-                    yield checkpoint_id, None
+                yield checkpoint_id, _read_small_file(path)
             return
         found = self.fs.cat(paths, on_error="return") if paths else {}
         for checkpoint_id, path in zip(ids, paths):
@@ -178,6 +176,8 @@ class CheckpointStore:
     # ----- internals ---------------------------------------------------------------------
     def _ls(self, path: str) -> list[str]:
         try:
+            if self._local:  # os.listdir: a tenth of the cost of fs.ls for a big folder
+                return os.listdir(path)
             return self.fs.ls(path, detail=False)
         except FileNotFoundError:
             return []
@@ -206,6 +206,21 @@ class CheckpointStore:
             if self.fs.exists(tmp):
                 self.fs.rm_file(tmp)
             raise
+
+
+def _read_small_file(path: str) -> Optional[bytes]:
+    """A whole (small) file in one read, or None if it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _write_all(f, part) -> None:
