@@ -58,7 +58,11 @@ def save_speed(api, flow, scratch: Path) -> dict:
         stalls.append(_timed(api.save))
         api.wait()
     sync = _median(sync_times)
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import content_hash
+
+    hashing = _median(_timed(lambda: content_hash([flow.w])) for _ in range(REPEATS))
     return {
+        "hash_share_of_sync": hashing / sync,
         "numpy_save_s": _median(np_times),
         "sync_save_s": sync,
         "sync_vs_numpy_save": sync / _median(np_times),

@@ -69,13 +69,13 @@ class CheckpointStore:
         self.url = url.rstrip("/")
         protocol = self.fs.protocol
         protocols = {protocol} if isinstance(protocol, str) else set(protocol)
-        self._local = bool(protocols & _LOCAL_PROTOCOLS)
+        self.is_local = bool(protocols & _LOCAL_PROTOCOLS)
         self.shared_across_processes = not protocols & _PROCESS_LOCAL
         self._known: set[str] = set()  # payload hashes seen present, to skip existence checks
 
     def reopened(self) -> "CheckpointStore":
         """The same store with a filesystem of its own, for use in a forked child process."""
-        if self._local:
+        if self.is_local:
             return self
         fresh = CheckpointStore(self.url, {**self._options, "skip_instance_cache": True})
         fresh._known = set(self._known)
@@ -141,7 +141,7 @@ class CheckpointStore:
         stores fetch them concurrently."""
         folder = self._task_dir(loc)
         paths = [f"{folder}/{i}.json" for i in ids]
-        if self._local:
+        if self.is_local:
             for checkpoint_id, path in zip(ids, paths):
                 yield checkpoint_id, _read_small_file(path)
             return
@@ -176,7 +176,7 @@ class CheckpointStore:
     # ----- internals ---------------------------------------------------------------------
     def _ls(self, path: str) -> list[str]:
         try:
-            if self._local:  # os.listdir: a tenth of the cost of fs.ls for a big folder
+            if self.is_local:  # os.listdir: a tenth of the cost of fs.ls for a big folder
                 return os.listdir(path)
             return self.fs.ls(path, detail=False)
         except FileNotFoundError:
@@ -190,7 +190,7 @@ class CheckpointStore:
                 yield name[:-5]
 
     def _write_whole(self, path: str, parts: Sequence) -> None:
-        if not self._local:
+        if not self.is_local:
             with self.fs.open(path, "wb") as f:  # the object appears when the upload completes
                 for part in parts:
                     f.write(part)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -85,7 +86,7 @@ def capture(
 
 def commit(store: CheckpointStore, cap: Capture) -> CheckpointArtifact:
     """Write the payloads that are new, then the manifest; return the stored checkpoint."""
-    fields, inline, written = {}, {}, 0
+    fields, inline, objects = {}, {}, []
     for attr, enc in cap.fields.items():
         digest = content_hash(enc.parts)
         fields[attr] = {"type": enc.type, "size": enc.size, "hash": f"{HASH_NAME}:{digest}",
@@ -93,10 +94,20 @@ def commit(store: CheckpointStore, cap: Capture) -> CheckpointArtifact:
         if enc.size <= INLINE_MAX:
             inline[attr] = base64.b64encode(b"".join(enc.parts)).decode()
         else:
-            written += store.put_object(cap.loc.flow, digest, enc.parts)
+            objects.append((digest, enc.parts))
+    written = sum(_put_all(store, cap.loc.flow, objects))
     artifact = cap.artifact(fields, written)
     url = store.put_manifest(cap.loc, cap.checkpoint_id, manifest_bytes(artifact, inline))
     return artifact.with_url(url)
+
+
+def _put_all(store: CheckpointStore, flow: str, objects: list) -> list[int]:
+    """Write payloads: one after another on a local disk (it gains nothing from more), a few
+    at a time on remote stores, where each request waits on the network."""
+    if store.is_local or len(objects) < 2:
+        return [store.put_object(flow, digest, parts) for digest, parts in objects]
+    with ThreadPoolExecutor(max_workers=min(8, len(objects))) as pool:
+        return list(pool.map(lambda item: store.put_object(flow, *item), objects))
 
 
 def check_name(name: Any, where: str) -> None:
