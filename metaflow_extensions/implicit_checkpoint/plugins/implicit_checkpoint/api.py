@@ -127,16 +127,18 @@ class CurrentCheckpoint:
             namespace=self._ctx.namespace,
             where=self._where,
         )
-        self._parent = cap.key
         if self._background is None or wait or cap.size < ASYNC_MIN_BYTES:
             artifact = commit(self._checkpointer.store, cap)
+            self._parent = artifact.key
             self._checkpointer.remember(artifact)
             self._ctx.on_saved(artifact)
             if wait:
                 self.wait()
             return artifact
         store = self._checkpointer.store
-        self._settle(self._background.submit(cap.key, lambda: _commit_in_child(store, cap)))
+        done = self._background.submit(cap.key, lambda: _commit_in_child(store, cap))
+        self._parent = cap.key
+        self._settle(done)
         return cap.artifact({n: {"type": e.type, "size": e.size, "serializer": e.serializer}
                              for n, e in cap.fields.items()},
                             url=store.manifest_url(cap.loc, cap.checkpoint_id))
