@@ -215,3 +215,12 @@ def test_background_failure_fails_the_task_naming_the_checkpoint(run_flow, write
     result = run_flow(path, "run", expect_ok=False)
     assert "Background save failed in step 'work'" in result.output
     assert "OSError: injected write failure" in result.output
+
+
+def test_async_saves_off_makes_every_save_durable_on_return(tmp_path):
+    """With async_saves=False even a large save is complete when save() returns."""
+    flow, api = make_api(str(tmp_path), async_saves=False)
+    flow.w = np.ones(4 * MB)
+    artifact = api.save()
+    assert "hash" in artifact.implicit_manifest["fields"]["w"] and artifact.written == artifact.size
+    assert api.pending == 0 and [a.key for a in api.list()] == [artifact.key]
