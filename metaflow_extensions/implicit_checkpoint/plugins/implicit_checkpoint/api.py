@@ -42,6 +42,7 @@ class StepContext:
     namespace: Optional[str]
     on_first_use: Callable[[], None]
     on_loaded: Callable[[CheckpointArtifact], None]
+    on_saved: Callable[[CheckpointArtifact], None]  # after each successful save; must be cheap
 
 
 class CurrentCheckpoint:
@@ -112,6 +113,7 @@ class CurrentCheckpoint:
             where=self._where,
         )
         self._parent = artifact.key
+        self._ctx.on_saved(artifact)
         return artifact
 
     def load(self, reference: Optional[Reference] = None) -> Optional[CheckpointArtifact]:

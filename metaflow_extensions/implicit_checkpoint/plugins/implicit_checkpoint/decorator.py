@@ -9,6 +9,7 @@ from metaflow.metadata_provider import MetaDatum
 from metaflow.metaflow_current import current
 
 from .api import CurrentCheckpoint, StepContext
+from .card_decorator import attach_card
 from .checkpointer import Checkpointer
 from .exceptions import CheckpointError
 from .client import LOADED_FIELD, POSITION_FIELD, ROOT_FIELD
@@ -49,6 +50,10 @@ class CheckpointDecorator(StepDecorator):
     root : str, optional, default None
         fsspec URL of the checkpoint storage. Default: METAFLOW_IMPLICIT_CHECKPOINT_ROOT,
         else `mf.implicit_checkpoints` beside Metaflow's datastore root.
+    card : bool, default True
+        Attach a live card listing the task's checkpoints over all attempts and the lineage
+        of the loaded one (`python flow.py card get STEP`). It renders only in attempts that
+        save or load. `card=False` attaches none.
 
     MF Add To Current
     -----------------
@@ -58,7 +63,7 @@ class CheckpointDecorator(StepDecorator):
     """
 
     name = "checkpoint"
-    defaults = {"include": None, "exclude": None, "load_policy": "fresh", "root": None}
+    defaults = {"include": None, "exclude": None, "load_policy": "fresh", "root": None, "card": True}
 
     def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore, logger):
         self._step = step_name
@@ -78,6 +83,11 @@ class CheckpointDecorator(StepDecorator):
             raise self._error(f"root={root!r} must be a path or an fsspec URL such as 's3://bucket/ckpt'.")
         self._include, self._exclude = include, exclude
         self._datastore_root = flow_datastore.datastore_root
+        if not isinstance(self.attributes["card"], bool):
+            raise self._error(f"card={self.attributes['card']!r} must be True or False.")
+        self._card = None
+        if self.attributes["card"]:
+            self._card = attach_card(decorators, self._root_url(), self.attributes["load_policy"])
 
     def task_pre_step(
         self, step_name, task_datastore, metadata, run_id, task_id, flow, graph,
@@ -105,7 +115,8 @@ class CheckpointDecorator(StepDecorator):
             reserved=METAFLOW_OWNED | {name for name, _ in flow._get_parameters()},
             namespace=current.namespace,
             on_first_use=lambda: record({ROOT_FIELD: url, POSITION_FIELD: location.position}),
-            on_loaded=lambda artifact: record({LOADED_FIELD: artifact.key}),
+            on_loaded=lambda artifact: self._loaded(artifact, record),
+            on_saved=self._card.checkpoint_saved if self._card else lambda artifact: None,
         )
         current._update_env({"checkpoint": CurrentCheckpoint(Checkpointer(open_store(url)), ctx)})
 
@@ -114,6 +125,11 @@ class CheckpointDecorator(StepDecorator):
         # unpicklable attribute is often why a save failed), its error hides ours. Say ours first.
         if isinstance(exception, CheckpointError):
             print(f"{exception.headline}: {exception}", file=sys.stderr)
+
+    def _loaded(self, artifact, record):
+        record({LOADED_FIELD: artifact.key})
+        if self._card:
+            self._card.checkpoint_loaded(artifact)
 
     def _root_url(self) -> str:
         from metaflow.metaflow_config import IMPLICIT_CHECKPOINT_ROOT
