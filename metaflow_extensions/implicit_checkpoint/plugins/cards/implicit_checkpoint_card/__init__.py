@@ -39,7 +39,8 @@ class ImplicitCheckpointCard(MetaflowCard):
         return render_page(self._view(task, data), self.RELOAD_POLICY_TOKEN)
 
     def refresh(self, task, data) -> dict:
-        return {"sections": {k: str(v) for k, v in render_sections(self._view(task, data)).items()}}
+        view = self._view(task, data)
+        return {"attempt": view.request.attempt, "sections": {k: str(v) for k, v in render_sections(view).items()}}
 
     def _view(self, task, data) -> CardView:
         if "root" not in self._options:
