@@ -1,4 +1,6 @@
-"""The checkpoint card: rendered from real storage, then for real Metaflow runs."""
+"""The checkpoint card of real Metaflow runs, read as `card get` and the card client show it:
+the README demo over three attempts, 50 checkpoints per foreach branch, a user's own @card,
+opting out, a failed task, and the templates shipping with the package."""
 from __future__ import annotations
 
 import base64
@@ -7,148 +9,17 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from html.parser import HTMLParser
 
 import pytest
 from metaflow import Checkpoint, Run
 from metaflow.cards import get_cards
 from metaflow.plugins.cards.exception import CardNotPresentException
 
-from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.card import (
-    CARD_TYPE,
-    CardRequest,
-    build_view,
-    render_page,
-    render_sections,
-)
-from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.checkpointer import Checkpointer
-from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.manifest import TaskLocation
-from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import open_store
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.card import CARD_TYPE
 
-from conftest import FLOWS, REPO, TEST_FLOWS
-
-XSS = "<script>alert(1)</script>"
+from conftest import FLOWS, REPO, TEST_FLOWS, XSS, CardTables
 
 
-class CardTables(HTMLParser):
-    """The rows of a card's tables by table class: each row's attributes and cell texts."""
-
-    def __init__(self, html: str):
-        super().__init__()
-        self.tables: dict[str, list[dict]] = {}
-        self._rows = None
-        self._row = None
-        self._cell = False
-        self.feed(html)
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "table":
-            self._rows = self.tables.setdefault(attrs["class"], [])
-        elif tag == "tr" and self._rows is not None and "data-key" in attrs:
-            self._row = {**attrs, "class": (attrs.get("class") or "").split(), "cells": []}
-            self._rows.append(self._row)
-        elif tag == "td" and self._row is not None:
-            self._row["cells"].append("")
-            self._cell = True
-
-    def handle_endtag(self, tag):
-        if tag == "table":
-            self._rows = None
-        elif tag == "tr":
-            self._row = None
-        elif tag == "td" and self._row is not None:
-            self._row["cells"][-1] = " ".join(self._row["cells"][-1].split())
-            self._cell = False
-
-    def handle_data(self, data):
-        if self._cell:
-            self._row["cells"][-1] += data
-
-    def rows(self, table: str) -> list[dict]:
-        return self.tables.get(table, [])
-
-
-# ----- rendering, on each real storage backend ------------------------------------------
-def _saved(root_url):
-    """Two checkpoints of attempt 0, then one of attempt 1 that loaded the second."""
-    checkpointer = Checkpointer(open_store(root_url))
-    loc = TaskLocation("F", "1", "train", "7")
-    first = checkpointer.save(loc, 0, {"w": 1}, name="first", metadata={"loss": 0.5, "acc": 0.1})
-    second = checkpointer.save(loc, 0, {"w": 2}, name="<img src=x onerror=alert(1)>", metadata={"note": XSS, "loss": 0.25}, parent=first.key)
-    third = checkpointer.save(loc, 1, {"w": 2, "b": 3}, name="third", metadata={"loss": 0.125}, parent=second.key)
-    request = CardRequest(loc.pathspec, loc.position, attempt=1, root=root_url, load_policy="fresh", loaded=second.key)
-    return checkpointer, request, [first, second, third]
-
-
-def test_rows_are_oldest_first_with_failed_attempts_marked(root_url):
-    """Rows follow creation time; attempt 0 is marked failed in attempt 1's card, attempt 1 is
-    not (it has not failed); the loaded checkpoint is marked; the lineage ends with it."""
-    checkpointer, request, saved = _saved(root_url)
-    tables = CardTables(render_page(build_view(checkpointer, request), "token"))
-    rows = tables.rows("checkpoints")
-    assert [r["data-key"] for r in rows] == [a.key for a in saved]
-    assert [("failed" in r["class"], "loaded" in r["class"]) for r in rows] == [(True, False), (True, True), (False, False)]
-    assert [r["cells"][0] for r in rows] == ["1", "2", "3"]
-    assert rows[2]["cells"][4] == "b w" and rows[2]["cells"][6] == "5 B"  # fields; only `b` was written
-    assert [(r["cells"][0], r["data-key"]) for r in tables.rows("lineage")] == [("0", saved[0].key), ("1", saved[1].key)]
-
-
-def test_a_raising_attempt_marks_its_own_checkpoints_failed(root_url):
-    """With failed=True (rendered from task_exception) the card's own attempt is failed too."""
-    checkpointer, request, _ = _saved(root_url)
-    failed = CardRequest(**{**request.__dict__, "failed": True})
-    rows = CardTables(render_page(build_view(checkpointer, failed), "t")).rows("checkpoints")
-    assert all("failed" in r["class"] for r in rows)
-
-
-def test_user_data_shows_as_text(root_url):
-    """Names and metadata values with markup are escaped: no tag of theirs reaches the page."""
-    checkpointer, request, _ = _saved(root_url)
-    html = render_page(build_view(checkpointer, request), "t")
-    assert XSS not in html and "<img src=x" not in html
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "&lt;img src=x onerror=alert(1)&gt;" in html
-    rows = CardTables(html).rows("checkpoints")
-    assert rows[1]["cells"][2].startswith("<img src=x onerror=alert(1)>") and XSS in rows[1]["cells"][8]
-
-
-def test_plot_prefers_loss_and_needs_two_numeric_values(root_url):
-    """`loss` is plotted (not the first key, `acc`), one point per checkpoint that has it; with
-    no numeric value on two checkpoints there is no plot."""
-    checkpointer, request, _ = _saved(root_url)
-    view = build_view(checkpointer, request)
-    assert view.plot.metric == "loss" and [v for _, _, _, v in view.plot.points] == [0.5, 0.25, 0.125]
-    assert view.plot.points[0][1] < view.plot.points[-1][1]  # larger values are drawn higher
-    loc = TaskLocation("F", "2", "train", "1")
-    checkpointer.save(loc, 0, {"w": 1}, metadata={"loss": "n/a", "ok": True})
-    checkpointer.save(loc, 0, {"w": 1}, metadata={"loss": 1.0})
-    bare = CardRequest(loc.pathspec, loc.position, 0, root_url, "fresh")
-    assert build_view(checkpointer, bare).plot is None and "<svg" not in render_page(build_view(checkpointer, bare), "t")
-
-
-def test_nothing_loaded_and_unreadable_loaded_checkpoint(root_url):
-    """No load: both 'nothing' messages. A loaded key that cannot be read: the card says so
-    instead of failing to render."""
-    checkpointer, request, _ = _saved(root_url)
-    html = render_page(build_view(checkpointer, CardRequest(**{**request.__dict__, "loaded": None})), "t")
-    assert "No checkpoint was loaded" in html and "No lineage found" in html
-    gone = request.location.key("20200101T000000000000Z-a0-00000000")
-    view = build_view(checkpointer, CardRequest(**{**request.__dict__, "loaded": gone}))
-    assert view.problem.startswith(f"The loaded checkpoint {gone} cannot be read") and view.lineage == ()
-
-
-def test_in_place_update_carries_the_page_sections(root_url):
-    """Each section an update sends is exactly what the page shows, under the element id the
-    page's update function replaces."""
-    checkpointer, request, _ = _saved(root_url)
-    view = build_view(checkpointer, request)
-    page = render_page(view, "token")
-    for element_id, html in render_sections(view).items():
-        assert f'<section id="{element_id}">{html}</section>' in page
-    assert 'window.METAFLOW_RELOAD_TOKEN = "token"' in page
-
-
-# ----- real runs ----------------------------------------------------------------------------
 def card_html(run_flow, flow_file, pathspec: str) -> str:
     """`python flow.py card get PATHSPEC`: the one card Metaflow finds there."""
     result = run_flow(flow_file, "card", "get", pathspec)
@@ -284,3 +155,18 @@ def test_templates_ship_in_the_wheel_and_in_metaflows_code_package(tmp_path, run
     assert {templates + "card.html", templates + "sections.html"} <= set(names)
     listed = run_flow(FLOWS / "train_numpy.py", "package", "list").output
     assert all(t in listed for t in (templates + "card.html", templates + "sections.html"))
+
+
+def test_eager_resume_card_shows_lineage_from_the_failed_run(run_flow):
+    """After `resume`, the new task's card lists its own 8 checkpoints and the lineage of the
+    one it loaded: 12 checkpoints saved by the failed run's task, named as such."""
+    failed = run_flow(FLOWS / "resume_eager.py", "run", env={"FAIL_AT": "12"}, expect_ok=False)
+    resumed = run_flow(FLOWS / "resume_eager.py", "resume")
+    old_task = Run(f"ResumeFlow/{failed.run_id}")["process"].task
+    html = card_html(run_flow, FLOWS / "resume_eager.py", f"{resumed.run_id}/process")
+    tables = CardTables(html)
+    assert [r["cells"][8] for r in tables.rows("checkpoints")] == [f"done={n}" for n in range(13, 21)]
+    lineage = tables.rows("lineage")
+    assert [r["data-key"] for r in lineage] == [c.key for c in reversed(Checkpoint().list(task=old_task))]
+    assert {r["cells"][4] for r in lineage} == {old_task.pathspec}
+    assert "No lineage found" not in html and f"in <code>{old_task.pathspec}</code>" in html

@@ -25,10 +25,10 @@ from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.checkpo
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.manifest import TaskLocation
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import open_store
 
-from conftest import TEST_FLOWS
+from conftest import TEST_FLOWS, XSS
 
 FLOW = TEST_FLOWS / "card_live_flow.py"
-XSS = "<script>alert(1)</script>"
+
 ROWS_JS = """
 return Array.from(document.querySelectorAll(arguments[0] + ' tbody tr')).map(function (tr) {
   return {key: tr.dataset.key, attempt: Number(tr.dataset.attempt), created: tr.dataset.created,

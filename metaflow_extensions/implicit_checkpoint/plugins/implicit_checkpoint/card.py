@@ -76,6 +76,7 @@ class Plot:
     points: tuple[tuple[float, float, Row, float], ...]  # x, y, row, value
     low: float
     high: float
+    log: bool
 
     @property
     def polyline(self) -> str:
@@ -112,24 +113,27 @@ def build_view(checkpointer: Checkpointer, request: CardRequest) -> CardView:
 
 
 def make_plot(rows: tuple[Row, ...]) -> Optional[Plot]:
-    """``loss`` (else the first numeric metadata key) over the checkpoints that have it."""
+    """``loss`` (else the first numeric metadata key) over the checkpoints that have it, on a
+    log scale when the values are positive and span two orders of magnitude (a loss curve)."""
     metric = _pick_metric(rows)
     if metric is None:
         return None
     valued = [(r, float(r.checkpoint.metadata[metric])) for r in rows if _is_number(r.checkpoint.metadata.get(metric))]
     low, high = min(v for _, v in valued), max(v for _, v in valued)
-    span_x = max(len(rows) - 1, 1)
+    log = low > 0 and high >= 100 * low
+    scale = math.log10 if log else float
+    top, span = scale(high), scale(high) - scale(low)
     inner_w, inner_h = PLOT_WIDTH - 2 * PLOT_PAD, PLOT_HEIGHT - 2 * PLOT_PAD
     points = tuple(
         (
-            PLOT_PAD + inner_w * (r.index - 1) / span_x,
-            PLOT_PAD + (inner_h * (high - v) / (high - low) if high > low else inner_h / 2),
+            PLOT_PAD + inner_w * (r.index - 1) / max(len(rows) - 1, 1),
+            PLOT_PAD + (inner_h * (top - scale(v)) / span if span else inner_h / 2),
             r,
             v,
         )
         for r, v in valued
     )
-    return Plot(metric, points, low, high)
+    return Plot(metric, points, low, high, log)
 
 
 def _pick_metric(rows: tuple[Row, ...]) -> Optional[str]:
