@@ -2,6 +2,8 @@
 Metaflow: row order, failed and loaded marks, lineage, escaping, the plot, in-place updates."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.card import (
@@ -44,7 +46,7 @@ def test_rows_are_oldest_first_with_failed_attempts_marked(root_url):
 def test_a_raising_attempt_marks_its_own_checkpoints_failed(root_url):
     """With failed=True (rendered from task_exception) the card's own attempt is failed too."""
     checkpointer, request, _ = _saved(root_url)
-    failed = CardRequest(**{**request.__dict__, "failed": True})
+    failed = replace(request, failed=True)
     rows = CardTables(render_page(build_view(checkpointer, failed), "t")).rows("checkpoints")
     assert all("failed" in r["class"] for r in rows)
 
@@ -89,10 +91,10 @@ def test_nothing_loaded_and_unreadable_loaded_checkpoint(root_url):
     """No load: both 'nothing' messages. A loaded key that cannot be read: the card says so
     instead of failing to render."""
     checkpointer, request, _ = _saved(root_url)
-    html = render_page(build_view(checkpointer, CardRequest(**{**request.__dict__, "loaded": None})), "t")
+    html = render_page(build_view(checkpointer, replace(request, loaded=None)), "t")
     assert "No checkpoint was loaded" in html and "No lineage found" in html
     gone = request.location.key("20200101T000000000000Z-a0-00000000")
-    view = build_view(checkpointer, CardRequest(**{**request.__dict__, "loaded": gone}))
+    view = build_view(checkpointer, replace(request, loaded=gone))
     assert view.problem.startswith(f"The loaded checkpoint {gone} cannot be read") and view.lineage == ()
 
 
