@@ -15,6 +15,10 @@ from metaflow import Checkpoint, Run
 from metaflow.cards import get_cards
 from metaflow.plugins.cards.exception import CardNotPresentException
 
+from metaflow_extensions.implicit_checkpoint.plugins.cards.implicit_checkpoint_card import (
+    ImplicitCheckpointCard,
+    StaleCardRender,
+)
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.card import CARD_TYPE
 
 from conftest import FLOWS, REPO, TEST_FLOWS, XSS, CardTables
@@ -170,3 +174,19 @@ def test_eager_resume_card_shows_lineage_from_the_failed_run(run_flow):
     assert [r["data-key"] for r in lineage] == [c.key for c in reversed(Checkpoint().list(task=old_task))]
     assert {r["cells"][4] for r in lineage} == {old_task.pathspec}
     assert "No lineage found" not in html and f"in <code>{old_task.pathspec}</code>" in html
+
+
+def test_a_render_for_an_earlier_attempt_is_refused(demo):
+    """A background render started by attempt 1 (killed outright) that finishes after attempt 2
+    started must not write attempt 1's page or data over attempt 2's: it raises instead."""
+    task, _ = demo
+    options = {
+        "root": task.metadata_dict["implicit-checkpoint-root"], "load_policy": "fresh",
+        "position": "root", "attempt": 1,
+    }
+    stale = ImplicitCheckpointCard(options=options)
+    for render in (stale.render_runtime, stale.refresh):
+        with pytest.raises(StaleCardRender, match="is at attempt 2; not rendering attempt 1's card"):
+            render(task, {})
+    current = ImplicitCheckpointCard(options={**options, "attempt": 2})
+    assert len(CardTables(current.render_runtime(task, {})).rows("checkpoints")) == 24

@@ -36,7 +36,10 @@ class CheckpointCardDecorator(StepDecorator):
         super().__init__(inserted_by=["checkpoint"])  # inserted: never passed to tasks as `--with`
         options = {"root": root, "load_policy": load_policy}
         self.card = CardDecorator(
-            attributes={"type": CARD_TYPE, "id": CARD_ID, "options": options}, inserted_by=["checkpoint"]
+            # save_errors=False: a render that fails (or refuses, see the card type) leaves the
+            # last good card in place instead of replacing it with an error card.
+            attributes={"type": CARD_TYPE, "id": CARD_ID, "options": options, "save_errors": False},
+            inserted_by=["checkpoint"],
         )
         self._uuid = ""
         self._logger = None

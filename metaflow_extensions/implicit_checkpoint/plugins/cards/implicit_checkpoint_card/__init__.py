@@ -20,6 +20,10 @@ from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.checkpo
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import open_store
 
 
+class StaleCardRender(RuntimeError):
+    """A render for an attempt older than the task's newest: refused so it writes nothing."""
+
+
 class ImplicitCheckpointCard(MetaflowCard):
     """A task's checkpoints over all its attempts, oldest first, and the lineage of the one
     this attempt loaded."""
@@ -36,11 +40,24 @@ class ImplicitCheckpointCard(MetaflowCard):
         return render_page(self._view(task, self.runtime_data), self.RELOAD_POLICY_TOKEN)
 
     def render_runtime(self, task, data) -> str:
+        self._refuse_if_stale(task)
         return render_page(self._view(task, data), self.RELOAD_POLICY_TOKEN)
 
     def refresh(self, task, data) -> dict:
+        self._refuse_if_stale(task)
         view = self._view(task, data)
         return {"attempt": view.request.attempt, "sections": {k: str(v) for k, v in render_sections(view).items()}}
+
+    def _refuse_if_stale(self, task) -> None:
+        # Every attempt writes the same card, in background renders that outlive an attempt
+        # killed outright: such a render can finish after the next attempt's and would put an
+        # older page back. The card is attached with save_errors=False, so raising writes nothing.
+        attempt = self._options.get("attempt", 0)
+        if task.current_attempt > attempt:
+            raise StaleCardRender(
+                f"{task.pathspec} is at attempt {task.current_attempt}; not rendering attempt "
+                f"{attempt}'s card over it."
+            )
 
     def _view(self, task, data) -> CardView:
         if "root" not in self._options:
