@@ -27,7 +27,9 @@ class CheckpointCardDecorator(StepDecorator):
 
     The card is not editable, so ``current.card.append`` keeps going to the user's own @card.
     It wraps a real ``CardDecorator`` rather than subclassing it because @card keeps its
-    per-process counters on its class, and a subclass would start counters of its own.
+    per-process counters on its class, and a subclass would start counters of its own. It
+    forwards the hooks ``CardDecorator`` implements: ``step_init``, ``task_pre_step`` and
+    ``task_finished``.
     """
 
     name = "checkpoint_card"
