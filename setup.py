@@ -13,7 +13,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=find_namespace_packages(include=["metaflow_extensions.*"]),
+    packages=find_namespace_packages(include=["metaflow_extensions.*"], exclude=["*.templates"]),
+    # The card's jinja2 templates (the repository's top-level `cards/` links to them).
+    package_data={"metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint": ["templates/*.html"]},
     install_requires=[
         "metaflow>=2.15",
         "cloudpickle>=2.2",
@@ -24,6 +26,6 @@ setup(
     ],
     extras_require={
         "s3": ["s3fs>=2023.6"],
-        "dev": ["pytest>=7", "numpy>=1.22", "s3fs>=2023.6", "moto[server]>=5.0"],
+        "dev": ["pytest>=7", "numpy>=1.22", "s3fs>=2023.6", "moto[server]>=5.0", "selenium>=4.10"],
     },
 )

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import uuid
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,15 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 FLOWS = REPO / "flows"
 TEST_FLOWS = Path(__file__).resolve().parent / "flows"
+XSS = "<script>alert(1)</script>"
+
+
+def save_state(checkpointer, loc, attempt, state, **kwargs):
+    """Save a dict as a checkpoint through the core (capture, then commit) and return it."""
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.snapshot import DEFAULT_SERIALIZER
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.writer import capture, commit
+
+    return commit(checkpointer.store, capture(DEFAULT_SERIALIZER, loc, attempt, state, **kwargs))
 
 
 @pytest.fixture(params=["memory", "local"])
@@ -84,3 +94,42 @@ def write_flow(tmp_path):
         return path
 
     return write
+
+
+class CardTables(HTMLParser):
+    """The rows of a card's tables by table class: each row's attributes and cell texts."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.tables: dict[str, list[dict]] = {}
+        self._rows = None
+        self._row = None
+        self._cell = False
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._rows = self.tables.setdefault(attrs["class"], [])
+        elif tag == "tr" and self._rows is not None and "data-key" in attrs:
+            self._row = {**attrs, "class": (attrs.get("class") or "").split(), "cells": []}
+            self._rows.append(self._row)
+        elif tag == "td" and self._row is not None:
+            self._row["cells"].append("")
+            self._cell = True
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._rows = None
+        elif tag == "tr":
+            self._row = None
+        elif tag == "td" and self._row is not None:
+            self._row["cells"][-1] = " ".join(self._row["cells"][-1].split())
+            self._cell = False
+
+    def handle_data(self, data):
+        if self._cell:
+            self._row["cells"][-1] += data
+
+    def rows(self, table: str) -> list[dict]:
+        return self.tables.get(table, [])

@@ -47,6 +47,13 @@ def test_unknown_load_policy_is_refused_before_any_task(run_flow, write_flow):
     assert "Workflow starting" not in result.output
 
 
+def test_card_must_be_a_bool(run_flow, write_flow):
+    """card="no" (a truthy string) is refused before the run starts rather than read as True."""
+    result = run_flow(flow(write_flow, "pass", 'card="no"'), "run", expect_ok=False)
+    assert "card='no' must be True or False" in result.output and "on step work" in result.output
+    assert "Workflow starting" not in result.output
+
+
 def test_include_of_a_missing_attribute_names_it(run_flow, write_flow):
     """include= naming an attribute that is not set fails the save naming step and attribute."""
     body = "self.a = 1\ncurrent.checkpoint.save()"

@@ -48,7 +48,7 @@ class StepContext:
     namespace: Optional[str]
     on_first_use: Callable[[], None]
     on_loaded: Callable[[CheckpointArtifact], None]
-    on_saved: Callable[[CheckpointArtifact], None] = lambda artifact: None
+    on_saved: Callable[[CheckpointArtifact], None] = lambda artifact: None  # after each durable save; cheap
     async_saves: bool = True
 
 

@@ -9,6 +9,7 @@ from metaflow.metadata_provider import MetaDatum
 from metaflow.metaflow_current import current
 
 from .api import CurrentCheckpoint, StepContext
+from .card_decorator import attach_card
 from .checkpointer import Checkpointer
 from .exceptions import CheckpointError
 from .client import LOADED_FIELD, POSITION_FIELD, ROOT_FIELD
@@ -52,6 +53,10 @@ class CheckpointDecorator(StepDecorator):
     async_saves : bool, default True
         Write large saves in the background while the step runs on. False: every `save()`
         returns only when its checkpoint is durable.
+    card : bool, default True
+        Attach a live card listing the task's checkpoints over all attempts and the lineage
+        of the loaded one (`python flow.py card get STEP`). It renders only in attempts that
+        save or load. `card=False` attaches none.
 
     MF Add To Current
     -----------------
@@ -61,7 +66,10 @@ class CheckpointDecorator(StepDecorator):
     """
 
     name = "checkpoint"
-    defaults = {"include": None, "exclude": None, "load_policy": "fresh", "root": None, "async_saves": True}
+    defaults = {
+        "include": None, "exclude": None, "load_policy": "fresh", "root": None,
+        "async_saves": True, "card": True,
+    }
 
     def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore, logger):
         self._step = step_name
@@ -81,6 +89,11 @@ class CheckpointDecorator(StepDecorator):
             raise self._error(f"root={root!r} must be a path or an fsspec URL such as 's3://bucket/ckpt'.")
         self._include, self._exclude = include, exclude
         self._datastore_root = flow_datastore.datastore_root
+        if not isinstance(self.attributes["card"], bool):
+            raise self._error(f"card={self.attributes['card']!r} must be True or False.")
+        self._card = None
+        if self.attributes["card"]:
+            self._card = attach_card(decorators, self._root_url(), self.attributes["load_policy"])
 
     def task_pre_step(
         self, step_name, task_datastore, metadata, run_id, task_id, flow, graph,
@@ -108,7 +121,8 @@ class CheckpointDecorator(StepDecorator):
             reserved=METAFLOW_OWNED | {name for name, _ in flow._get_parameters()},
             namespace=current.namespace,
             on_first_use=lambda: record({ROOT_FIELD: url, POSITION_FIELD: location.position}),
-            on_loaded=lambda artifact: record({LOADED_FIELD: artifact.key}),
+            on_loaded=lambda artifact: self._loaded(artifact, record),
+            on_saved=self._card.checkpoint_saved if self._card else lambda artifact: None,
             async_saves=str(self.attributes["async_saves"]).lower() not in ("false", "0"),
         )
         self._api = CurrentCheckpoint(Checkpointer(open_store(url)), ctx)
@@ -126,6 +140,11 @@ class CheckpointDecorator(StepDecorator):
             print(f"{failed.headline}: {failed}", file=sys.stderr)
         if isinstance(exception, CheckpointError):
             print(f"{exception.headline}: {exception}", file=sys.stderr)
+
+    def _loaded(self, artifact, record):
+        record({LOADED_FIELD: artifact.key})
+        if self._card:
+            self._card.checkpoint_loaded(artifact)
 
     def _root_url(self) -> str:
         from metaflow.metaflow_config import IMPLICIT_CHECKPOINT_ROOT
