@@ -13,6 +13,7 @@ from .checkpointer import Checkpointer
 from .exceptions import CheckpointError
 from .client import LOADED_FIELD, POSITION_FIELD, ROOT_FIELD
 from .manifest import TaskLocation
+from .retention import parse_keep
 from .store import open_store
 
 LOAD_POLICIES = ("fresh", "eager", "none")
@@ -52,16 +53,20 @@ class CheckpointDecorator(StepDecorator):
     async_saves : bool, default True
         Write large saves in the background while the step runs on. False: every `save()`
         returns only when its checkpoint is durable.
+    keep : Dict[str, Any], optional, default None
+        Retention: e.g. `{"last": 3, "best": ("loss", "min", 2)}` keeps the newest 3 and the
+        2 with the lowest `metadata["loss"]` (plus pinned ones, the ones attempts loaded, and
+        always the newest); the rest are deleted after each save. None keeps everything.
 
     MF Add To Current
     -----------------
     checkpoint -> CurrentCheckpoint
-        `save(name, metadata, latest, wait)`, `wait()`, `load(reference)`, `is_loaded`,
+        `save(name, metadata, latest, wait, pin)`, `wait()`, `load(reference)`, `is_loaded`,
         `latest`, `inspect(reference)`, `list(name, attempt, task)`, `lineage(reference)`.
     """
 
     name = "checkpoint"
-    defaults = {"include": None, "exclude": None, "load_policy": "fresh", "root": None, "async_saves": True}
+    defaults = {"include": None, "exclude": None, "load_policy": "fresh", "root": None, "async_saves": True, "keep": None}
 
     def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore, logger):
         self._step = step_name
@@ -81,6 +86,10 @@ class CheckpointDecorator(StepDecorator):
             raise self._error(f"root={root!r} must be a path or an fsspec URL such as 's3://bucket/ckpt'.")
         self._include, self._exclude = include, exclude
         self._datastore_root = flow_datastore.datastore_root
+        try:
+            self._keep = parse_keep(self.attributes["keep"])
+        except CheckpointError as exc:
+            raise self._error(str(exc)) from None
 
     def task_pre_step(
         self, step_name, task_datastore, metadata, run_id, task_id, flow, graph,
@@ -110,6 +119,7 @@ class CheckpointDecorator(StepDecorator):
             on_first_use=lambda: record({ROOT_FIELD: url, POSITION_FIELD: location.position}),
             on_loaded=lambda artifact: record({LOADED_FIELD: artifact.key}),
             async_saves=str(self.attributes["async_saves"]).lower() not in ("false", "0"),
+            keep=self._keep,
         )
         self._api = CurrentCheckpoint(Checkpointer(open_store(url)), ctx)
         current._update_env({"checkpoint": self._api})
@@ -128,10 +138,7 @@ class CheckpointDecorator(StepDecorator):
             print(f"{exception.headline}: {exception}", file=sys.stderr)
 
     def _root_url(self) -> str:
-        from metaflow.metaflow_config import IMPLICIT_CHECKPOINT_ROOT
-
-        root = self.attributes["root"] or IMPLICIT_CHECKPOINT_ROOT
-        return root or f"{self._datastore_root.rstrip('/')}/{ROOT_DIRNAME}"
+        return storage_root(self.attributes["root"], self._datastore_root)
 
     def _names(self, key):
         value = self.attributes[key]
@@ -145,3 +152,12 @@ class CheckpointDecorator(StepDecorator):
 
     def _error(self, message):
         return CheckpointConfigException(f"@checkpoint on step {self._step}: {message}")
+
+
+def storage_root(explicit, datastore_root: str) -> str:
+    """Where checkpoints are stored: ``root=``, else the configured
+    ``IMPLICIT_CHECKPOINT_ROOT``, else ``mf.implicit_checkpoints`` in Metaflow's datastore root."""
+    from metaflow.metaflow_config import IMPLICIT_CHECKPOINT_ROOT
+
+    root = explicit or IMPLICIT_CHECKPOINT_ROOT
+    return root or f"{datastore_root.rstrip('/')}/{ROOT_DIRNAME}"
