@@ -86,7 +86,8 @@ def collect(
     freed = sum(s for p, s, a in list(unreferenced.values()) + inv.temp if a >= grace)
     if not dry_run:
         _purge(store, inv, expired, grace, progress)
-        progress(f"  deleting {len(doomed)} unreferenced payloads ...")
+        if doomed:
+            progress(f"  deleting {len(doomed)} unreferenced payloads ...")
         remove_paths(store, doomed, lambda done, total: progress(f"  deleted {done}/{total}"))
     return GcReport(
         flow=flow, url=url, dry_run=dry_run, checkpoints=len(remaining),
