@@ -88,21 +88,39 @@ def test_a_retired_checkpoint_still_loads_until_purged(root_url):
 
 
 def test_retention_purges_tombstones_older_than_the_grace_period(tmp_path):
-    """A later save's retention pass removes manifests retired more than an hour ago, and their
-    tombstones, but not younger ones."""
+    """The next attempt's retention removes a manifest retired more than an hour ago, and its
+    tombstone, but not ones retired a moment ago (however old the checkpoint)."""
     flow, api = attempt_api(str(tmp_path), 0, keep={"last": 1})
     keys = []
-    for n in range(3):
+    for n in range(2):
         flow.n = n
         keys.append(api.save().key)
-    old_loc, old_id = parse_key(keys[0])
     store = api._checkpointer.store
-    tombstone = f"{store.task_path(old_loc)}/retired/{old_id}"
-    os.utime(tombstone, (time.time() - 3700, time.time() - 3700))
-    flow.n = 3
-    api.save()
-    assert not os.path.exists(tombstone) and not os.path.exists(f"{store.task_path(old_loc)}/{old_id}.json")
-    assert api._checkpointer.read(keys[1]).key == keys[1]  # retired a moment ago: still there
+    old_id = "20200101T000000000000Z-a0-0123abcd"  # a checkpoint from long ago, retired long ago
+    just_retired = "20200101T000000000000Z-a0-4567cdef"  # one from long ago, retired just now
+    for checkpoint_id in (old_id, just_retired):
+        store.put_manifest(LOC, checkpoint_id, store.get_manifest(*parse_key(keys[0])))
+        marks.put_marker(store, LOC, marks.RETIRED, checkpoint_id)
+    folder = store.task_path(LOC)
+    os.utime(f"{folder}/retired/{old_id}", (time.time() - 3700, time.time() - 3700))
+    flow, retry = attempt_api(str(tmp_path), 1, keep={"last": 1})
+    flow.n = 2
+    retry.save()
+    assert not os.path.exists(f"{folder}/retired/{old_id}") and not os.path.exists(f"{folder}/{old_id}.json")
+    for recent in (parse_key(keys[0])[1], just_retired):  # retired a moment ago: still there
+        assert os.path.exists(f"{folder}/{recent}.json") and os.path.exists(f"{folder}/retired/{recent}")
+
+
+def test_a_pin_set_between_saves_is_honoured(root_url):
+    """A checkpoint pinned from outside the task (the CLI) after retention last looked is not
+    retired by the next save."""
+    flow, api = attempt_api(root_url, 0, keep={"last": 1})
+    flow.n = 0
+    first = api.save()
+    marks.pin(api._checkpointer.store, first.key)
+    flow.n = 1
+    second = api.save()
+    assert [(c.key, c.pinned) for c in api.list()] == [(second.key, False), (first.key, True)]
 
 
 def test_the_checkpoint_a_retry_would_resume_from_is_kept(root_url):

@@ -73,6 +73,7 @@ class CurrentCheckpoint:
         self._loaded: Optional[CheckpointArtifact] = None
         self._parent: Optional[str] = None  # last checkpoint loaded or saved in this attempt
         self._used = False
+        self._retainer = retention.Retainer(checkpointer, ctx.location, ctx.keep) if ctx.keep else None
 
     # ----- what load_policy found ----------------------------------------------------
     @property
@@ -138,7 +139,7 @@ class CurrentCheckpoint:
             artifact = _commit(self._checkpointer.store, cap, pin)
             self._checkpointer.remember(artifact)
             self._ctx.on_saved(artifact)
-            self._retain()
+            self._retain([artifact])
             if wait:
                 self.wait()
             return artifact
@@ -166,7 +167,7 @@ class CurrentCheckpoint:
                 self._ctx.on_saved(artifact)
                 done.append(artifact)
         if done:
-            self._retain()
+            self._retain(done)
         raise_failures(results, self._where)
         return done
 
@@ -243,13 +244,12 @@ class CurrentCheckpoint:
     def __repr__(self) -> str:
         return f"<current.checkpoint of {self._ctx.location.pathspec} attempt {self._ctx.attempt}>"
 
-    def _retain(self) -> None:
-        """Apply ``@checkpoint(keep=...)`` now that a save is committed (retention.py)."""
-        if self._ctx.keep is None:
+    def _retain(self, saved: list[CheckpointArtifact]) -> None:
+        """Apply ``@checkpoint(keep=...)`` now that saves are committed (retention.py)."""
+        if self._retainer is None:
             return
-        loaded = self._loaded.key if self._loaded else None
         try:
-            retention.apply(self._checkpointer, self._ctx.location, self._ctx.keep, loaded)
+            self._retainer.after_saves(saved, self._loaded.key if self._loaded else None)
         except OSError as exc:  # the save itself is durable; retention tries again next save
             warnings.warn(f"Retention in {self._where} could not retire old checkpoints ({exc}).")
 

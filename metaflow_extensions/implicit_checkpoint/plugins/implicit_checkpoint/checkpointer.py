@@ -162,7 +162,8 @@ def _read_frames(f, hasher) -> tuple[str, bytes, list]:
 
 def _with_pins(found: list[CheckpointArtifact], loc: TaskLocation, store) -> list[CheckpointArtifact]:
     pins = marker_ids(store, loc, PINS) if found else set()
-    return [replace(a, pinned=a.key.rsplit("/", 1)[1] in pins) for a in found]
+    pinned = [a.key.rsplit("/", 1)[1] in pins for a in found]
+    return [a if a.pinned == p else replace(a, pinned=p) for a, p in zip(found, pinned)]
 
 
 def _attempt_of(checkpoint_id: str) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import posixpath
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Iterable
 
 from .exceptions import CheckpointNotFound, CheckpointPinned
@@ -31,21 +31,25 @@ DELETE_BATCH = 1000  # objects per delete request (S3's limit)
 
 def marker_ids(store: CheckpointStore, loc: TaskLocation, kind: str) -> set[str]:
     """Ids of a task's checkpoints that carry a marker of this kind (one listing)."""
-    try:
-        paths = store.fs.ls(posixpath.join(store.task_path(loc), kind), detail=False)
-    except FileNotFoundError:
-        return set()
-    return {posixpath.basename(p.rstrip("/")) for p in paths}
+    return set(store.names_in(posixpath.join(store.task_path(loc), kind)))
 
 
-def marker_ages(store: CheckpointStore, loc: TaskLocation, kind: str) -> dict[str, float]:
-    """Checkpoint id -> seconds since its marker was written, for one task."""
-    try:
-        infos = store.fs.ls(posixpath.join(store.task_path(loc), kind), detail=True)
-    except FileNotFoundError:
-        return {}
-    now = time.time()
-    return {posixpath.basename(i["name"].rstrip("/")): now - mtime_of(i) for i in infos if i["type"] == "file"}
+def retired_longer_than(store: CheckpointStore, loc: TaskLocation, grace: float) -> list[str]:
+    """Ids of a task's checkpoints whose tombstone is older than ``grace`` seconds. Only
+    checkpoints created before that can qualify, so young ones cost no lookup (ids sort by
+    creation time, as strings)."""
+    cutoff = datetime.fromtimestamp(time.time() - grace, timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    now, old = time.time(), []
+    for checkpoint_id in sorted(marker_ids(store, loc, RETIRED)):
+        if checkpoint_id >= cutoff:
+            break
+        try:
+            info = store.fs.info(_marker_path(store, loc, RETIRED, checkpoint_id))
+        except FileNotFoundError:
+            continue  # purged meanwhile by gc
+        if now - mtime_of(info) >= grace:
+            old.append(checkpoint_id)
+    return old
 
 
 def is_marked(store: CheckpointStore, loc: TaskLocation, kind: str, checkpoint_id: str) -> bool:
@@ -62,7 +66,7 @@ def live_ids(store: CheckpointStore, loc: TaskLocation) -> list[str]:
 def put_marker(store: CheckpointStore, loc: TaskLocation, kind: str, checkpoint_id: str) -> None:
     path = _marker_path(store, loc, kind, checkpoint_id)
     store.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    store.fs.pipe_file(path, b"")
+    store.fs.touch(path)  # empty: only its name and its time matter
 
 
 # ----- what users ask for by key (the client and the CLI) ------------------------------------

@@ -20,13 +20,14 @@ still being written in the background is neither counted nor touched.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from .checkpointer import Checkpointer
 from .exceptions import CheckpointConfigError
 from .manifest import CheckpointArtifact, TaskLocation
-from .marks import GRACE_SECONDS, RETIRED, marker_ages, purge, put_marker
+from .marks import GRACE_SECONDS, PINS, RETIRED, is_marked, purge, put_marker, retired_longer_than
 
 EXAMPLE = "keep={'last': 3, 'best': ('loss', 'min', 2)}"
 
@@ -87,6 +88,7 @@ def kept_keys(checkpoints: list[CheckpointArtifact], policy: KeepPolicy, loaded:
 
 @dataclass(frozen=True)
 class RetentionPass:
+    kept: list[CheckpointArtifact]  # the task's checkpoints after the pass, newest first
     retired: list[str]  # keys retired by this pass
     purged: list[str]  # keys whose manifest this pass removed (retired longer than the grace)
 
@@ -95,16 +97,54 @@ def apply(
     checkpointer: Checkpointer, loc: TaskLocation, policy: KeepPolicy,
     loaded: Optional[str] = None, grace: float = GRACE_SECONDS,
 ) -> RetentionPass:
-    """Retire what ``policy`` does not keep among the task's committed checkpoints, then purge
-    the task's checkpoints retired longer than ``grace`` seconds ago."""
+    """A full pass: list the task's committed checkpoints, retire what ``policy`` does not keep,
+    then purge the task's checkpoints retired longer than ``grace`` seconds ago."""
     checkpoints = checkpointer.list(loc)
     keep = kept_keys(checkpoints, policy, loaded)
     retired = [c.key for c in checkpoints if c.key not in keep]
     for key in retired:
         put_marker(checkpointer.store, loc, RETIRED, key.rsplit("/", 1)[1])
-    old = [i for i, age in marker_ages(checkpointer.store, loc, RETIRED).items() if age >= grace]
+    old = retired_longer_than(checkpointer.store, loc, grace)
     purged = purge(checkpointer.store, loc, old) if old else []
-    return RetentionPass(retired, [loc.key(i) for i in purged])
+    return RetentionPass([c for c in checkpoints if c.key in keep], retired, [loc.key(i) for i in purged])
+
+
+class Retainer:
+    """Retention for one running attempt, cheap enough to follow every save.
+
+    A full pass (``apply``: one listing of the task) runs first and then every
+    ``RESYNC_SECONDS``; in between, a pass works from the checkpoints kept last time plus the
+    ones saved since, and checks a checkpoint's pin marker just before retiring it, so a pin
+    set meanwhile (from the CLI) is honoured. A save then costs one more object write when it
+    retires a checkpoint, however many checkpoints the task has.
+    """
+
+    RESYNC_SECONDS = 60.0
+
+    def __init__(self, checkpointer: Checkpointer, loc: TaskLocation, policy: KeepPolicy):
+        self._checkpointer, self._loc, self._policy = checkpointer, loc, policy
+        self._kept: Optional[dict[str, CheckpointArtifact]] = None
+        self._synced = 0.0
+
+    def after_saves(self, saved: list[CheckpointArtifact], loaded: Optional[str]) -> RetentionPass:
+        """Apply the policy now that ``saved`` are committed."""
+        if self._kept is None or time.monotonic() - self._synced >= self.RESYNC_SECONDS:
+            done = apply(self._checkpointer, self._loc, self._policy, loaded)
+            self._kept, self._synced = {c.key: c for c in done.kept}, time.monotonic()
+            return done
+        self._kept.update((c.key, c) for c in saved)
+        checkpoints = sorted(self._kept.values(), key=lambda c: c.created_on, reverse=True)
+        keep, store, retired = kept_keys(checkpoints, self._policy, loaded), self._checkpointer.store, []
+        for c in checkpoints:
+            if c.key in keep:
+                continue
+            checkpoint_id = c.key.rsplit("/", 1)[1]
+            if is_marked(store, self._loc, PINS, checkpoint_id):
+                self._kept[c.key] = replace(c, pinned=True)
+                continue
+            put_marker(store, self._loc, RETIRED, checkpoint_id)
+            retired.append(self._kept.pop(c.key).key)
+        return RetentionPass(list(self._kept.values()), retired, [])
 
 
 def _best(checkpoints: list[CheckpointArtifact], policy: KeepPolicy) -> list[CheckpointArtifact]:

@@ -225,6 +225,12 @@ class CheckpointStore:
         """Path (without protocol) of everything stored for one flow."""
         return self._path(flow)
 
+    def names_in(self, path: str) -> list[str]:
+        """Names of the entries of a folder ([] if there is none), listed as fast as list_task."""
+        if self._local:
+            return self._ls(path)  # os.listdir: names already
+        return [posixpath.basename(p.rstrip("/")) for p in self._ls(path)]
+
     def _freshen(self, path: str) -> bool:
         """Give a reused payload a new mtime, so gc's grace period protects it like a new one
         (as git freshens reused objects); False if it vanished meanwhile. Object stores cannot
