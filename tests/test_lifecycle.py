@@ -190,6 +190,19 @@ def test_retention_counts_only_committed_saves(tmp_path, monkeypatch):
     assert [c.key for c in api.list()] == [third.key, pending.key]
 
 
+def test_a_background_save_is_pinned_right_after_its_commit(tmp_path):
+    """save(pin=True) of a large state written in the background is pinned once durable, and
+    retention (keep={'last': 1}) keeps it among newer saves."""
+    flow, api = attempt_api(str(tmp_path), 0, keep={"last": 1}, async_saves=True)
+    flow.w = np.ones(2 << 20)  # 16 MB: written by the background writer, which also pins it
+    pending = api.save(pin=True)
+    assert pending.pinned
+    (stored,) = api.wait()
+    flow.w = np.zeros(10)
+    newest = api.save()
+    assert stored.pinned and [(c.key, c.pinned) for c in api.list()] == [(newest.key, False), (pending.key, True)]
+
+
 def test_pins_are_markers_and_a_pin_refuses_deletion(root_url):
     """Pinning never rewrites the manifest; a pinned checkpoint cannot be retired; unpinned it
     can. The manifest stores resumed_from but neither pinned nor url."""

@@ -15,7 +15,7 @@ from .checkpointer import Checkpointer
 from .display import CheckpointList
 from .exceptions import CheckpointNotFound
 from .lineage import lineage as follow_lineage
-from .manifest import CheckpointArtifact, TaskLocation, parse_key
+from .manifest import TaskLocation, parse_key
 from .store import open_store
 
 ROOT_FIELD = "implicit-checkpoint-root"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import posixpath
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 from .exceptions import CheckpointError
 from .manifest import read_manifest
