@@ -190,6 +190,25 @@ def test_retention_counts_only_committed_saves(tmp_path, monkeypatch):
     assert [c.key for c in api.list()] == [third.key, pending.key]
 
 
+def test_a_failed_retention_keeps_the_save_and_is_retried(tmp_path, monkeypatch, capsys):
+    """When tombstones cannot be written, the save still succeeds, stderr says what happened,
+    and the next save retires what the failed one could not."""
+    monkeypatch.setattr(FaultyFileSystem, "write_delay", 0.0)
+    monkeypatch.setattr(FaultyFileSystem, "fail_paths", ())
+    flow, api = attempt_api(f"faultyfile://{tmp_path}/root", 0, keep={"last": 1})
+    flow.n = 0
+    api.save()
+    monkeypatch.setattr(FaultyFileSystem, "fail_paths", ("/retired/",))
+    flow.n = 1
+    api.save()
+    assert len(api.list()) == 2
+    assert "could not delete old checkpoints (injected write failure" in capsys.readouterr().err
+    monkeypatch.setattr(FaultyFileSystem, "fail_paths", ())
+    flow.n = 2
+    newest = api.save()
+    assert [c.key for c in api.list()] == [newest.key]
+
+
 def test_a_background_save_is_pinned_right_after_its_commit(tmp_path):
     """save(pin=True) of a large state written in the background is pinned once durable, and
     retention (keep={'last': 1}) keeps it among newer saves."""

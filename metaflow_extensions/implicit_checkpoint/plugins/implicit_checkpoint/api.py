@@ -1,7 +1,7 @@
 """``current.checkpoint``: what a decorated step calls."""
 from __future__ import annotations
 
-import warnings
+import sys
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Union
 
@@ -251,7 +251,9 @@ class CurrentCheckpoint:
         try:
             self._retainer.after_saves(saved, self._loaded.key if self._loaded else None)
         except OSError as exc:  # the save itself is durable; retention tries again next save
-            warnings.warn(f"Retention in {self._where} could not retire old checkpoints ({exc}).")
+            # stderr, not warnings: Metaflow silences warnings in task processes
+            print(f"Retention in {self._where} could not delete old checkpoints ({exc}); "
+                  "they are kept, and retried at the next save.", file=sys.stderr)
 
 
 def standalone(
