@@ -167,3 +167,19 @@ def test_delete_a_run_then_gc_frees_exactly_the_unreachable_payloads(runs, run_f
     assert "Listing" in real.stderr and "purging 53 retired checkpoints" in real.stderr  # 24 + 24 + 5
     newest = Checkpoint().list(Run(f"RetentionFlow/{runs[1]}")["start"].task)[0]
     assert Checkpoint().load(newest)["epoch"] == 30
+
+
+def test_the_notebook_client_reads_a_task_of_another_namespace(runs):
+    """In someone else's namespace, Checkpoint() still lists, loads only the asked-for field,
+    and follows lineage of the run's task."""
+    from metaflow import get_namespace, namespace
+
+    before = get_namespace()
+    namespace("user:somebody-else")
+    try:
+        listing = Checkpoint().list(f"RetentionFlow/{runs[1]}/start/1")
+        assert [c.metadata["epoch"] for c in listing] == [30, 29, 19, 18, 12, 10]
+        assert set(Checkpoint().load(listing[0], fields=["epoch"])) == {"epoch"}
+        assert [c.metadata["epoch"] for c in Checkpoint().lineage(listing[0])] == [12, 29, 30]
+    finally:
+        namespace(before)
