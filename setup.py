@@ -24,6 +24,11 @@ setup(
         "orjson>=3.6",
         "xxhash>=3.0",
     ],
+    entry_points={
+        "console_scripts": [
+            "mfcheckpoint = metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.cli:main",
+        ],
+    },
     extras_require={
         "s3": ["s3fs>=2023.6"],
         "dev": ["pytest>=7", "numpy>=1.22", "s3fs>=2023.6", "moto[server]>=5.0", "selenium>=4.10"],

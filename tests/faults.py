@@ -23,6 +23,11 @@ class FaultyFileSystem(LocalFileSystem):
     def unstrip_protocol(self, name):
         return "faultyfile://" + self._strip_protocol(name)
 
+    def touch(self, path, truncate=True, **kwargs):
+        if any(p in path for p in self.fail_paths):
+            raise OSError(f"injected write failure for {path}")
+        return super().touch(path, truncate=truncate, **kwargs)
+
     def _open(self, path, mode="rb", **kwargs):
         if "w" in mode:
             if any(p in path for p in self.fail_paths):

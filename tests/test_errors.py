@@ -111,3 +111,11 @@ def test_a_corrupted_payload_fails_the_load_naming_field_and_checkpoint(run_flow
 
     with pytest.raises(CheckpointCorrupt, match=f"Field 'weights' of checkpoint {artifact.key} does not match its hash"):
         Checkpoint().load(artifact)
+
+
+def test_bad_keep_is_refused_before_any_task(run_flow, write_flow):
+    """A malformed keep= names the step, says what is wrong and shows the valid form, before the
+    run starts."""
+    result = run_flow(flow(write_flow, "pass", 'keep={"last": 3, "best": ("loss", "lowest", 2)}'), "run", expect_ok=False)
+    assert "@checkpoint on step work: keep['best']=('loss', 'lowest', 2) must be (metadata key, 'min' or 'max'" in result.output
+    assert "Workflow starting" not in result.output

@@ -1,14 +1,17 @@
 """``current.checkpoint``: what a decorated step calls."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Union
 
+from . import retention
 from .background import BackgroundSaves, raise_failures
 from .checkpointer import Checkpointer
 from .exceptions import CheckpointFormatError
 from .lineage import lineage as follow_lineage
 from .manifest import CheckpointArtifact, TaskLocation, parse_key
+from .marks import PINS, put_marker
 from .snapshot import DEFAULT_SERIALIZER, select_state
 from .store import CheckpointStore, open_store
 from .writer import Capture, capture, commit
@@ -50,6 +53,7 @@ class StepContext:
     on_loaded: Callable[[CheckpointArtifact], None]
     on_saved: Callable[[CheckpointArtifact], None] = lambda artifact: None  # after each durable save; cheap
     async_saves: bool = True
+    keep: Optional[retention.KeepPolicy] = None
 
 
 class CurrentCheckpoint:
@@ -69,6 +73,7 @@ class CurrentCheckpoint:
         self._loaded: Optional[CheckpointArtifact] = None
         self._parent: Optional[str] = None  # last checkpoint loaded or saved in this attempt
         self._used = False
+        self._retainer = retention.Retainer(checkpointer, ctx.location, ctx.keep) if ctx.keep else None
 
     # ----- what load_policy found ----------------------------------------------------
     @property
@@ -97,7 +102,8 @@ class CurrentCheckpoint:
 
     # ----- the calls -----------------------------------------------------------------
     def save(
-        self, name: str = "mfchckpt", metadata: Optional[dict] = None, latest: bool = True, wait: bool = False
+        self, name: str = "mfchckpt", metadata: Optional[dict] = None, latest: bool = True,
+        wait: bool = False, pin: bool = False,
     ) -> CheckpointArtifact:
         """Snapshot the step's attributes and return the checkpoint.
 
@@ -105,7 +111,7 @@ class CurrentCheckpoint:
         returned artifact then lacks field hashes and ``written``; ``wait()`` returns the
         stored ones). ``wait=True`` returns only when this and every earlier save is durable.
         ``latest=False`` keeps and lists the checkpoint but never picks it for a default
-        ``load()``.
+        ``load()``. ``pin=True`` exempts it from ``@checkpoint(keep=...)`` retention.
         """
         self._first_use()
         self._settle(self._background.poll() if self._background else [])
@@ -126,22 +132,25 @@ class CurrentCheckpoint:
             parent=self._parent,
             namespace=self._ctx.namespace,
             where=self._where,
+            resumed_from=self._loaded.key if self._loaded else None,
         )
         if self._background is None or wait or cap.size < ASYNC_MIN_BYTES:
-            artifact = commit(self._checkpointer.store, cap)
+            artifact = _commit(self._checkpointer.store, cap, pin)
             self._parent = artifact.key
             self._checkpointer.remember(artifact)
             self._ctx.on_saved(artifact)
+            self._retain([artifact])
             if wait:
                 self.wait()
             return artifact
         store = self._checkpointer.store
-        done = self._background.submit(cap.key, lambda: _commit_in_child(store, cap))
+        done = self._background.submit(cap.key, lambda: _commit_in_child(store, cap, pin))
         self._parent = cap.key
         self._settle(done)
-        return cap.artifact({n: {"type": e.type, "size": e.size, "serializer": e.serializer}
-                             for n, e in cap.fields.items()},
-                            url=store.manifest_url(cap.loc, cap.checkpoint_id))
+        pending = cap.artifact({n: {"type": e.type, "size": e.size, "serializer": e.serializer}
+                                for n, e in cap.fields.items()},
+                               url=store.manifest_url(cap.loc, cap.checkpoint_id))
+        return replace(pending, pinned=pin)
 
     def wait(self) -> list[CheckpointArtifact]:
         """Block until every pending save is durable; return them as stored, oldest first.
@@ -159,6 +168,8 @@ class CurrentCheckpoint:
                 )
                 self._ctx.on_saved(artifact)
                 done.append(artifact)
+        if done:
+            self._retain(done)
         raise_failures(results, self._where)
         return done
 
@@ -235,17 +246,40 @@ class CurrentCheckpoint:
     def __repr__(self) -> str:
         return f"<current.checkpoint of {self._ctx.location.pathspec} attempt {self._ctx.attempt}>"
 
+    def _retain(self, saved: list[CheckpointArtifact]) -> None:
+        """Apply ``@checkpoint(keep=...)`` now that saves are committed (retention.py)."""
+        if self._retainer is None:
+            return
+        try:
+            self._retainer.after_saves(saved, self._loaded.key if self._loaded else None)
+        except OSError as exc:  # the save itself is durable; retention tries again next save
+            # stderr, not warnings: Metaflow silences warnings in task processes
+            print(f"Retention in {self._where} could not delete old checkpoints ({exc}); "
+                  "they are kept, and retried at the next save.", file=sys.stderr)
 
-def standalone(obj: Any, root: str, location: TaskLocation, attempt: int = 0, async_saves: bool = True) -> CurrentCheckpoint:
+
+def standalone(
+    obj: Any, root: str, location: TaskLocation, attempt: int = 0, async_saves: bool = True,
+    keep: Optional[dict] = None,
+) -> CurrentCheckpoint:
     """``current.checkpoint`` for a plain object outside Metaflow (scripts, tests, benchmarks):
     its public attributes are the state, stored under ``root`` as if by task ``location``."""
     ctx = StepContext(
         flow=obj, location=location, attempt=attempt, load_policy="fresh", include=None,
         exclude=None, reserved=frozenset(), namespace=None, on_first_use=lambda: None,
-        on_loaded=lambda artifact: None, async_saves=async_saves,
+        on_loaded=lambda artifact: None, async_saves=async_saves, keep=retention.parse_keep(keep),
     )
     return CurrentCheckpoint(Checkpointer(open_store(root)), ctx)
 
 
-def _commit_in_child(store: CheckpointStore, cap: Capture) -> dict:
-    return {"artifact": commit(store.reopened(), cap).to_dict()}
+def _commit(store: CheckpointStore, cap: Capture, pin: bool) -> CheckpointArtifact:
+    """The commit point, then the pin: a pinned checkpoint is pinned right after it exists."""
+    artifact = commit(store, cap)
+    if not pin:
+        return artifact
+    put_marker(store, cap.loc, PINS, cap.checkpoint_id)
+    return replace(artifact, pinned=True)
+
+
+def _commit_in_child(store: CheckpointStore, cap: Capture, pin: bool) -> dict:
+    return {"artifact": _commit(store.reopened(), cap, pin).to_dict()}

@@ -8,10 +8,12 @@ from __future__ import annotations
 import base64
 import io
 import warnings
+from dataclasses import replace
 from typing import Any, Iterable, Optional
 
 from .exceptions import CheckpointCorrupt, CheckpointError, CheckpointNotFound
 from .manifest import CheckpointArtifact, FieldEntry, TaskLocation, parse_key, read_inline, read_manifest
+from .marks import PINS, RETIRED, is_marked, live_ids, marker_ids
 from .snapshot import SERIALIZERS, read_frame_header
 from .store import HASHES, CheckpointStore
 
@@ -86,12 +88,13 @@ class Checkpointer:
         return serializer.loads(frames[1], frames[2])
 
     def list(self, loc: TaskLocation, name: Optional[str] = None, attempt: Optional[int] = None) -> list[CheckpointArtifact]:
-        """A task's checkpoints over all its attempts, newest first by creation time."""
-        ids = self.store.list_task(loc)
+        """A task's checkpoints over all its attempts, newest first by creation time (deleted
+        ones hidden, ``pinned`` filled in)."""
+        ids = live_ids(self.store, loc)
         if attempt is not None:
             ids = [i for i in ids if _attempt_of(i) == attempt]
         found = [a for a in self._read_many(loc, reversed(ids)) if name is None or a.name == name]
-        return sorted(found, key=lambda a: a.created_on, reverse=True)
+        return _with_pins(sorted(found, key=lambda a: a.created_on, reverse=True), loc, self.store)
 
     def find_resumable(
         self, loc: TaskLocation, attempt: int, *, other_runs: bool, namespace: Optional[str]
@@ -99,7 +102,7 @@ class Checkpointer:
         """The newest ``latest`` checkpoint of this task's earlier attempts; with
         ``other_runs``, else the newest of the same flow, step and foreach position in
         earlier runs of ``namespace``."""
-        own = [i for i in reversed(self.store.list_task(loc)) if _attempt_of(i) < attempt]
+        own = [i for i in reversed(live_ids(self.store, loc)) if _attempt_of(i) < attempt]
         for start in range(0, len(own), 16):  # newest first, a few manifests at a time
             for artifact in self._read_many(loc, own[start:start + 16]):
                 if artifact.latest:
@@ -111,7 +114,8 @@ class Checkpointer:
                 continue
             for artifact in self._read_many(other, [checkpoint_id]):
                 if artifact.latest and artifact.namespace == namespace:
-                    return artifact
+                    if not is_marked(self.store, other, RETIRED, checkpoint_id):
+                        return artifact
         return None
 
     def _read_many(self, loc: TaskLocation, ids: Iterable[str]) -> list[CheckpointArtifact]:
@@ -154,6 +158,12 @@ def _read_frames(f, hasher) -> tuple[str, bytes, list]:
     for part in (header, body, *buffers):
         hasher.update(part)
     return hasher.hexdigest(), body, buffers
+
+
+def _with_pins(found: list[CheckpointArtifact], loc: TaskLocation, store) -> list[CheckpointArtifact]:
+    pins = marker_ids(store, loc, PINS) if found else set()
+    pinned = [a.key.rsplit("/", 1)[1] in pins for a in found]
+    return [a if a.pinned == p else replace(a, pinned=p) for a, p in zip(found, pinned)]
 
 
 def _attempt_of(checkpoint_id: str) -> int:

@@ -1,4 +1,4 @@
-"""``Checkpoint``: read checkpoints outside a task (a notebook, a script).
+"""``Checkpoint``: read and manage checkpoints outside a task (a notebook, a script, the CLI).
 
 The storage root of a task is not guessed: the decorator records it as task metadata
 (``implicit-checkpoint-root``) when the task first saves or loads, and this client reads it
@@ -6,13 +6,16 @@ back through Metaflow's client, in any namespace.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
+from . import marks
 from .api import Reference, key_of
 from .checkpointer import Checkpointer
+from .display import CheckpointList
 from .exceptions import CheckpointNotFound
 from .lineage import lineage as follow_lineage
-from .manifest import CheckpointArtifact, TaskLocation, parse_key
+from .manifest import TaskLocation, parse_key
 from .store import open_store
 
 ROOT_FIELD = "implicit-checkpoint-root"
@@ -41,24 +44,27 @@ class Checkpoint:
     >>> cps = Checkpoint().list(task="TrainFlow/1732/train/4")
     >>> state = Checkpoint().load(cps[0])            # {"epoch": 7, "model": ...}
 
-    ``root=`` overrides the storage root recorded by the task.
+    ``root=`` overrides the storage root recorded by the task (and then a checkpoint key is
+    found without asking Metaflow's metadata).
     """
 
     def __init__(self, root: Optional[str] = None):
         self._root = root
 
-    def list(self, task: Any, name: Optional[str] = None, attempt: Optional[int] = None) -> list[CheckpointArtifact]:
+    def list(self, task: Any, name: Optional[str] = None, attempt: Optional[int] = None) -> CheckpointList:
         """All checkpoints of ``task`` (a ``Task`` or pathspec) over all its attempts,
-        newest first; ``name=`` and ``attempt=`` filter."""
+        newest first; ``name=`` and ``attempt=`` filter. Deleted ones are not listed. The list
+        shows itself as a table (HTML in Jupyter)."""
         found = self._locate(task)
         if found is None:
-            return []
+            return CheckpointList()
         checkpointer, loc = found
-        return checkpointer.list(loc, name=name, attempt=attempt)
+        return CheckpointList(checkpointer.list(loc, name=name, attempt=attempt))
 
     def load(self, reference: Reference, into: Any = None, fields: Optional[Iterable[str]] = None) -> dict[str, Any]:
-        """The fields of a checkpoint as a dict; with ``into=``, also set them on that object."""
-        checkpointer = self._checkpointer_for(reference)
+        """The fields of a checkpoint as a dict; with ``into=``, also set them on that object.
+        ``fields=["model"]`` fetches only the named fields' payloads."""
+        checkpointer = self.checkpointer_for(reference)
         values = checkpointer.restore(checkpointer.read(key_of(reference)), fields)
         if into is not None:
             for name, value in values.items():
@@ -67,16 +73,58 @@ class Checkpoint:
 
     def inspect(self, reference: Reference) -> dict:
         """What a checkpoint holds, from its manifest alone."""
-        return self._checkpointer_for(reference).read(key_of(reference)).implicit_manifest
+        return self.checkpointer_for(reference).read(key_of(reference)).implicit_manifest
 
-    def lineage(self, reference: Reference) -> list[CheckpointArtifact]:
-        """Ancestors of a checkpoint, oldest first, the checkpoint itself last."""
-        return follow_lineage(self._checkpointer_for(reference), key_of(reference))
+    def lineage(self, reference: Reference) -> CheckpointList:
+        """Ancestors of a checkpoint, oldest first, the checkpoint itself last. Deleted saves
+        are skipped; the chain goes on through the checkpoints each attempt resumed from."""
+        return CheckpointList(follow_lineage(self.checkpointer_for(reference), key_of(reference)))
+
+    def pin(self, reference: Reference) -> None:
+        """Exempt a checkpoint from retention (``@checkpoint(keep=...)``) and deletion."""
+        marks.pin(self.checkpointer_for(reference).store, key_of(reference))
+
+    def unpin(self, reference: Reference) -> None:
+        """Make a pinned checkpoint subject to retention again."""
+        marks.unpin(self.checkpointer_for(reference).store, key_of(reference))
+
+    def delete(self, reference: Reference) -> bool:
+        """Delete a checkpoint: it disappears from ``list()`` at once and is purged by ``gc``
+        once the grace period has passed. False if it was already deleted; a pinned one raises
+        ``CheckpointPinned``."""
+        return marks.retire(self.checkpointer_for(reference).store, key_of(reference))
+
+    def delete_run(self, run: Any) -> "RunDeletion":
+        """Delete every checkpoint of a run (a ``Run`` or pathspec ``Flow/run``), except pinned
+        ones, which are reported."""
+        from metaflow import Run
+
+        run = Run(run, _namespace_check=False) if isinstance(run, str) else run
+        deleted, pinned = [], []
+        for step in run:
+            for task in step:
+                found = self._locate(task)
+                if found is None:
+                    continue
+                checkpointer, loc = found
+                for artifact in checkpointer.list(loc):
+                    if artifact.pinned:
+                        pinned.append(artifact.key)
+                    elif marks.retire(checkpointer.store, artifact.key):
+                        deleted.append(artifact.key)
+        return RunDeletion(run.pathspec, deleted, pinned)
 
     # ----- finding a task's storage ---------------------------------------------------
-    def _checkpointer_for(self, reference: Reference) -> Checkpointer:
-        loc = parse_key(key_of(reference))[0]
-        found = self._locate(loc.pathspec)
+    def checkpointer_for(self, reference: Reference) -> Checkpointer:
+        """The engine over the storage this checkpoint lives in (what the CLI builds on)."""
+        key = key_of(reference)
+        loc = parse_key(key)[0]
+        if self._root is not None:
+            return Checkpointer(open_store(self._root))
+        try:
+            found = self._locate(loc.pathspec)
+        except CheckpointNotFound:
+            raise CheckpointNotFound(f"No checkpoint {key}: its task {loc.pathspec} does not exist.") from None
         if found is None:
             raise CheckpointNotFound(
                 f"Task {loc.pathspec} recorded no checkpoint storage: it never saved a "
@@ -93,3 +141,12 @@ class Checkpoint:
         flow, run, step, task_id = task.pathspec.split("/")
         loc = TaskLocation(flow, run, step, task_id, meta.get(POSITION_FIELD) or "root")
         return Checkpointer(open_store(root)), loc
+
+
+@dataclass(frozen=True)
+class RunDeletion:
+    """What ``delete_run`` did: the keys it deleted and the pinned keys it kept."""
+
+    run: str
+    deleted: list
+    pinned: list

@@ -14,6 +14,7 @@ from .checkpointer import Checkpointer
 from .exceptions import CheckpointError
 from .client import LOADED_FIELD, POSITION_FIELD, ROOT_FIELD
 from .manifest import TaskLocation
+from .retention import parse_keep
 from .store import open_store
 
 LOAD_POLICIES = ("fresh", "eager", "none")
@@ -57,18 +58,22 @@ class CheckpointDecorator(StepDecorator):
         Attach a live card listing the task's checkpoints over all attempts and the lineage
         of the loaded one (`python flow.py card get STEP`). It renders only in attempts that
         save or load. `card=False` attaches none.
+    keep : Dict[str, Any], optional, default None
+        Retention: e.g. `{"last": 3, "best": ("loss", "min", 2)}` keeps the newest 3 and the
+        2 with the lowest `metadata["loss"]` (plus pinned ones, the ones attempts loaded, and
+        always the newest); the rest are deleted after each save. None keeps everything.
 
     MF Add To Current
     -----------------
     checkpoint -> CurrentCheckpoint
-        `save(name, metadata, latest, wait)`, `wait()`, `load(reference)`, `is_loaded`,
+        `save(name, metadata, latest, wait, pin)`, `wait()`, `load(reference)`, `is_loaded`,
         `latest`, `inspect(reference)`, `list(name, attempt, task)`, `lineage(reference)`.
     """
 
     name = "checkpoint"
     defaults = {
         "include": None, "exclude": None, "load_policy": "fresh", "root": None,
-        "async_saves": True, "card": True,
+        "async_saves": True, "card": True, "keep": None,
     }
 
     def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore, logger):
@@ -94,6 +99,10 @@ class CheckpointDecorator(StepDecorator):
         self._card = None
         if self.attributes["card"]:
             self._card = attach_card(decorators, self._root_url(), self.attributes["load_policy"])
+        try:
+            self._keep = parse_keep(self.attributes["keep"])
+        except CheckpointError as exc:
+            raise self._error(str(exc)) from None
 
     def task_pre_step(
         self, step_name, task_datastore, metadata, run_id, task_id, flow, graph,
@@ -124,6 +133,7 @@ class CheckpointDecorator(StepDecorator):
             on_loaded=lambda artifact: self._loaded(artifact, record),
             on_saved=self._card.checkpoint_saved if self._card else lambda artifact: None,
             async_saves=str(self.attributes["async_saves"]).lower() not in ("false", "0"),
+            keep=self._keep,
         )
         self._api = CurrentCheckpoint(Checkpointer(open_store(url)), ctx)
         current._update_env({"checkpoint": self._api})
@@ -147,10 +157,7 @@ class CheckpointDecorator(StepDecorator):
             self._card.checkpoint_loaded(artifact)
 
     def _root_url(self) -> str:
-        from metaflow.metaflow_config import IMPLICIT_CHECKPOINT_ROOT
-
-        root = self.attributes["root"] or IMPLICIT_CHECKPOINT_ROOT
-        return root or f"{self._datastore_root.rstrip('/')}/{ROOT_DIRNAME}"
+        return storage_root(self.attributes["root"], self._datastore_root)
 
     def _names(self, key):
         value = self.attributes[key]
@@ -164,3 +171,12 @@ class CheckpointDecorator(StepDecorator):
 
     def _error(self, message):
         return CheckpointConfigException(f"@checkpoint on step {self._step}: {message}")
+
+
+def storage_root(explicit, datastore_root: str) -> str:
+    """Where checkpoints are stored: ``root=``, else the configured
+    ``IMPLICIT_CHECKPOINT_ROOT``, else ``mf.implicit_checkpoints`` in Metaflow's datastore root."""
+    from metaflow.metaflow_config import IMPLICIT_CHECKPOINT_ROOT
+
+    root = explicit or IMPLICIT_CHECKPOINT_ROOT
+    return root or f"{datastore_root.rstrip('/')}/{ROOT_DIRNAME}"

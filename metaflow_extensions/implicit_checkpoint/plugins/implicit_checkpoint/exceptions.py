@@ -41,3 +41,9 @@ class CheckpointFormatError(CheckpointError):
     """A manifest or reference is malformed, or written by a newer version of this package."""
 
     headline = "Unreadable checkpoint"
+
+
+class CheckpointPinned(CheckpointError):
+    """A pinned checkpoint was asked to be deleted."""
+
+    headline = "Checkpoint is pinned"

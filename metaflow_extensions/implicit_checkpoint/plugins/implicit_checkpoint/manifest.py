@@ -104,7 +104,10 @@ class CheckpointArtifact:
     ``created_on`` is ISO-8601 UTC with microseconds and ``Z``, so strings sort in time order.
     ``metadata`` is exactly the user's dict. ``parent`` is the key of the checkpoint this one
     descends from. ``written`` counts the payload bytes this save actually wrote (unchanged
-    attributes are not rewritten); ``url`` is where the manifest lives.
+    attributes are not rewritten); ``url`` is where the manifest lives. ``resumed_from`` is the
+    key of the checkpoint the saving attempt had loaded (``None`` if it loaded nothing), so
+    lineage across attempts survives retention of intermediate saves. ``pinned`` is not stored
+    in the manifest (manifests never change): ``list()`` fills it from the task's pins.
     """
 
     key: str
@@ -121,6 +124,8 @@ class CheckpointArtifact:
     namespace: Optional[str] = None
     written: int = 0
     save_seconds: float = 0.0
+    resumed_from: Optional[str] = None
+    pinned: bool = False
 
     @property
     def fields(self) -> dict[str, FieldEntry]:
@@ -151,13 +156,19 @@ class CheckpointArtifact:
     def with_url(self, url: str) -> "CheckpointArtifact":
         return replace(self, url=url)
 
+    def _repr_html_(self) -> str:
+        from .display import artifact_html
+
+        return artifact_html(self)
+
 
 def manifest_bytes(artifact: CheckpointArtifact, inline: Optional[dict] = None) -> bytes:
-    """A manifest file: one JSON line describing the checkpoint (the artifact minus its url,
-    plus the format stamp), then one JSON line of the small payloads kept inline (base64 by
+    """A manifest file: one JSON line describing the checkpoint (the artifact minus its url and
+    pinned flag, which are not part of it, plus the format stamp), then one JSON line of the small payloads kept inline (base64 by
     field name), so listing checkpoints never parses their payloads."""
     body = artifact.to_dict()
     body.pop("url")
+    body.pop("pinned")
     head = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, **body}, sort_keys=True)
     return f"{head}\n{json.dumps(inline or {})}".encode()
 

@@ -8,6 +8,8 @@ Layout under the root URL::
                                                 shared by every run, step and task of the flow
         steps/<step>/<position>/<run>/<task>/
           <checkpoint id>.json                  one manifest per checkpoint (the commit point)
+          pins/<checkpoint id>                  empty markers: pinned, and retired (deleted,
+          retired/<checkpoint id>               purged after a grace period); see marks.py
 
 Write order for a checkpoint: every payload first, then its manifest. A checkpoint exists for
 readers exactly when its manifest exists, so a crash at any instant leaves either the complete
@@ -28,6 +30,7 @@ import functools
 import hashlib
 import os
 import posixpath
+import time
 import uuid
 from typing import IO, Iterable, Optional, Sequence
 
@@ -44,6 +47,9 @@ HASH_NAME = "xxh128"
 INLINE_MAX = 4096
 _LOCAL_PROTOCOLS = {"file", "local"}
 _PROCESS_LOCAL = {"memory"}
+# Payloads known to exist are checked again after this long, so a long task never trusts a
+# payload that gc (whose default grace period is an hour) may have deleted meanwhile.
+KNOWN_TTL = 600.0
 
 
 def content_hash(parts: Sequence, algorithm: str = HASH_NAME) -> str:
@@ -72,13 +78,14 @@ class CheckpointStore:
         self.is_local = bool(protocols & _LOCAL_PROTOCOLS)
         self.shared_across_processes = not protocols & _PROCESS_LOCAL
         self._known: set[str] = set()  # payload hashes seen present, to skip existence checks
+        self._known_since = time.monotonic()
 
     def reopened(self) -> "CheckpointStore":
         """The same store with a filesystem of its own, for use in a forked child process."""
         if self.is_local:
             return self
         fresh = CheckpointStore(self.url, {**self._options, "skip_instance_cache": True})
-        fresh._known = set(self._known)
+        fresh._known, fresh._known_since = set(self._known), self._known_since
         return fresh
 
     def remember(self, digests: Iterable[str]) -> None:
@@ -105,10 +112,12 @@ class CheckpointStore:
     def put_object(self, flow: str, digest: str, parts: Sequence) -> int:
         """Store a payload (written part after part, no joining copy) under its hash unless
         present; return the bytes written."""
+        if time.monotonic() - self._known_since > KNOWN_TTL:
+            self._known, self._known_since = set(), time.monotonic()
         if digest in self._known:
             return 0
         path = self._object_path(flow, digest)
-        if self.fs.exists(path):
+        if self.fs.exists(path) and self._freshen(path):
             self._known.add(digest)
             return 0
         self._write_whole(path, parts)
@@ -206,6 +215,33 @@ class CheckpointStore:
             if self.fs.exists(tmp):
                 self.fs.rm_file(tmp)
             raise
+
+    # ----- for the lifecycle modules (marks.py, gc.py) -----------------------------------
+    def task_path(self, loc: TaskLocation) -> str:
+        """Path (without protocol) of the folder holding a task's manifests."""
+        return self._task_dir(loc)
+
+    def flow_path(self, flow: str) -> str:
+        """Path (without protocol) of everything stored for one flow."""
+        return self._path(flow)
+
+    def names_in(self, path: str) -> list[str]:
+        """Names of the entries of a folder ([] if there is none), listed as fast as list_task."""
+        if self.is_local:
+            return self._ls(path)  # os.listdir: names already
+        return [posixpath.basename(p.rstrip("/")) for p in self._ls(path)]
+
+    def _freshen(self, path: str) -> bool:
+        """Give a reused payload a new mtime, so gc's grace period protects it like a new one
+        (as git freshens reused objects); False if it vanished meanwhile. Object stores cannot
+        touch an object cheaply, so there only the payload's age counts (see README, gc)."""
+        if not self.is_local:
+            return True
+        try:
+            os.utime(path)
+            return True
+        except FileNotFoundError:
+            return False
 
 
 def _read_small_file(path: str) -> Optional[bytes]:

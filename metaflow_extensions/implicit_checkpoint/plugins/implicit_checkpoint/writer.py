@@ -42,6 +42,7 @@ class Capture:
     namespace: Optional[str]
     fields: dict[str, Encoded]
     started: float
+    resumed_from: Optional[str] = None
 
     @property
     def key(self) -> str:
@@ -58,6 +59,7 @@ class Capture:
             implicit_manifest={"version": FORMAT_VERSION, "fields": fields}, size=self.size,
             parent=self.parent, url=url, latest=self.latest, namespace=self.namespace,
             written=written, save_seconds=round(time.perf_counter() - self.started, 6),
+            resumed_from=self.resumed_from,
         )
 
 
@@ -73,6 +75,7 @@ def capture(
     parent: Optional[str] = None,
     namespace: Optional[str] = None,
     where: str = "the step",
+    resumed_from: Optional[str] = None,
 ) -> Capture:
     """Validate and serialize; raises before anything is written."""
     started = time.perf_counter()
@@ -81,7 +84,7 @@ def capture(
     fields = {attr: encode(serializer, attr, value, where) for attr, value in state.items()}
     checkpoint_id, created_on = new_checkpoint_id(attempt)
     return Capture(loc, attempt, checkpoint_id, created_on, name, metadata, latest, parent,
-                   namespace, fields, started)
+                   namespace, fields, started, resumed_from)
 
 
 def commit(store: CheckpointStore, cap: Capture) -> CheckpointArtifact:
