@@ -2,7 +2,8 @@
 
 ``save`` call order, ending in the step that makes the checkpoint visible:
 
-1. validate the name and metadata (nothing is written for a bad call);
+1. validate the name and metadata (nothing is written for a bad call); on the first save, check
+   that the storage can be written at all (an error names the URL, in the caller's thread);
 2. for each attribute: serialize, hash, write the payload unless the store has that hash;
 3. stamp a time-sortable id and write the manifest: the commit point.
 
@@ -13,9 +14,15 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
-from .exceptions import CheckpointCorrupt, CheckpointError, CheckpointNotFound, CheckpointSaveError
+from .exceptions import (
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointNotFound,
+    CheckpointSaveError,
+    CheckpointStorageError,
+)
 from .manifest import (
     FORMAT_VERSION,
     CheckpointArtifact,
@@ -56,6 +63,7 @@ class Checkpointer:
         started = time.perf_counter()
         check_name(name, where)
         metadata = check_metadata(metadata, where)
+        self.store.check_writable(loc.flow)
         fields, size, written = {}, 0, 0
         for attr, value in state.items():
             data = serialize_field(self.serializer, attr, value, where)
@@ -81,7 +89,7 @@ class Checkpointer:
             written=written,
             save_seconds=round(time.perf_counter() - started, 6),
         )
-        url = self.store.put_manifest(loc, checkpoint_id, manifest_bytes(artifact))
+        url = self.store.put_manifest(loc, checkpoint_id, manifest_bytes(artifact, self.store.sealer))
         return artifact.with_url(url)
 
     # ----- reading -----------------------------------------------------------------------
@@ -89,7 +97,7 @@ class Checkpointer:
         """The checkpoint with this key, from its manifest alone (payloads are not read)."""
         loc, checkpoint_id = parse_key(key)
         data = self.store.get_manifest(loc, checkpoint_id)
-        return read_manifest(data, self.store.manifest_url(loc, checkpoint_id))
+        return read_manifest(data, self.store.manifest_url(loc, checkpoint_id), self.store.sealer, key)
 
     def restore(self, artifact: CheckpointArtifact, fields: Optional[Iterable[str]] = None) -> dict[str, Any]:
         """Fetch, verify and deserialize the payloads of a checkpoint."""
@@ -140,19 +148,22 @@ class Checkpointer:
         """The newest ``latest`` checkpoint of this task's earlier attempts; with
         ``other_runs``, else the newest of the same flow, step and foreach position in
         earlier runs of ``namespace``."""
+        return next(self.resumable(loc, attempt, other_runs=other_runs, namespace=namespace), None)
+
+    def resumable(
+        self, loc: TaskLocation, attempt: int, *, other_runs: bool, namespace: Optional[str]
+    ) -> Iterator[CheckpointArtifact]:
+        """Every checkpoint ``find_resumable`` could pick, best first (to fall back on)."""
         own = [i for i in reversed(self.store.list_task(loc)) if _attempt_of(i) < attempt]
-        for artifact in self._read_many(loc, own):
-            if artifact.latest:
-                return artifact
+        yield from (a for a in self._read_many(loc, own) if a.latest)
         if not other_runs:
-            return None
+            return
         for other, checkpoint_id in reversed(self.store.list_position(loc.flow, loc.step, loc.position)):
             if other.run == loc.run:
                 continue
             for artifact in self._read_many(other, [checkpoint_id]):
                 if artifact.latest and artifact.namespace == namespace:
-                    return artifact
-        return None
+                    yield artifact
 
     def _read_many(self, loc: TaskLocation, ids: Iterable[str]) -> Iterable[CheckpointArtifact]:
         for checkpoint_id in ids:
@@ -160,6 +171,8 @@ class Checkpointer:
                 yield self.read(loc.key(checkpoint_id))
             except CheckpointNotFound:
                 continue  # deleted between listing and reading
+            except CheckpointStorageError:
+                raise  # the storage is failing, not this checkpoint: never report "nothing"
             except CheckpointError as exc:
                 warnings.warn(f"Skipping unreadable checkpoint {loc.key(checkpoint_id)}: {exc}")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
-from .api import Reference, key_of
+from .api import Reference, key_in_store, key_of
 from .checkpointer import Checkpointer
 from .exceptions import CheckpointNotFound
 from .lineage import lineage as follow_lineage
@@ -59,7 +59,7 @@ class Checkpoint:
     def load(self, reference: Reference, into: Any = None, fields: Optional[Iterable[str]] = None) -> dict[str, Any]:
         """The fields of a checkpoint as a dict; with ``into=``, also set them on that object."""
         checkpointer = self._checkpointer_for(reference)
-        values = checkpointer.restore(checkpointer.read(key_of(reference)), fields)
+        values = checkpointer.restore(checkpointer.read(key_in_store(reference, checkpointer.store)), fields)
         if into is not None:
             for name, value in values.items():
                 setattr(into, name, value)
@@ -67,11 +67,13 @@ class Checkpoint:
 
     def inspect(self, reference: Reference) -> dict:
         """What a checkpoint holds, from its manifest alone."""
-        return self._checkpointer_for(reference).read(key_of(reference)).implicit_manifest
+        checkpointer = self._checkpointer_for(reference)
+        return checkpointer.read(key_in_store(reference, checkpointer.store)).implicit_manifest
 
     def lineage(self, reference: Reference) -> list[CheckpointArtifact]:
         """Ancestors of a checkpoint, oldest first, the checkpoint itself last."""
-        return follow_lineage(self._checkpointer_for(reference), key_of(reference))
+        checkpointer = self._checkpointer_for(reference)
+        return follow_lineage(checkpointer, key_in_store(reference, checkpointer.store))
 
     # ----- finding a task's storage ---------------------------------------------------
     def _checkpointer_for(self, reference: Reference) -> Checkpointer:

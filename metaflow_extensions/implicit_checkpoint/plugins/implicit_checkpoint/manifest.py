@@ -6,7 +6,8 @@ a frozen dataclass with ``to_dict``/``from_dict``; lineage is just the ``parent`
 A checkpoint key is ``<flow>/<run>/<step>/<task>/<position>/<checkpoint id>``: the task's
 pathspec, then its foreach position (``root`` outside a foreach, ``2`` or ``2.0`` inside
 nested ones), then an id that sorts by creation time. Given the storage root, the key alone
-finds the checkpoint.
+finds the checkpoint. A key is always read relative to one storage root: its parts may not
+contain a separator or start with a dot, so no key names anything outside the root.
 """
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
 
-from .exceptions import CheckpointFormatError
+from .exceptions import CheckpointCorrupt, CheckpointFormatError
+from .signing import Sealer
 
 FORMAT = "metaflow-implicit-checkpoint"
 FORMAT_VERSION = 1
 ROOT_POSITION = "root"
 
 _ID_RE = re.compile(r"^\d{8}T\d{12}Z-a\d+-[0-9a-f]{8}$")
+# A part of a key becomes a path segment under the root: no separators, no leading dot ("..").
+_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:=+@-]{0,254}$")
 _ISO = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
@@ -56,7 +60,7 @@ class TaskLocation:
 def parse_key(key: str) -> tuple[TaskLocation, str]:
     """Split a checkpoint key into its task location and checkpoint id."""
     parts = key.split("/") if isinstance(key, str) else []
-    if len(parts) != 6 or not all(parts) or not _ID_RE.match(parts[5]):
+    if len(parts) != 6 or not all(_PART_RE.match(p) for p in parts) or not _ID_RE.match(parts[5]):
         raise CheckpointFormatError(
             f"{key!r} is not a checkpoint key. A key looks like "
             "'Flow/run/step/task/position/20260101T000000000000Z-a0-0123abcd'; "
@@ -146,19 +150,21 @@ class CheckpointArtifact:
         return replace(self, url=url)
 
 
-def manifest_bytes(artifact: CheckpointArtifact) -> bytes:
-    """Serialize a checkpoint's manifest: the artifact minus its url, plus the format stamp."""
+def manifest_bytes(artifact: CheckpointArtifact, sealer: Sealer) -> bytes:
+    """Serialize a checkpoint's manifest: the artifact minus its url, the format stamp, a seal."""
     body = artifact.to_dict()
     body.pop("url")
-    return json.dumps({"format": FORMAT, "version": FORMAT_VERSION, **body}, sort_keys=True).encode()
+    body = sealer.seal({"format": FORMAT, "version": FORMAT_VERSION, **body})
+    return json.dumps(body, sort_keys=True).encode()
 
 
-def read_manifest(data: bytes, url: str) -> CheckpointArtifact:
-    """Parse manifest bytes; refuse anything that is not a manifest or is from a newer format."""
+def read_manifest(data: bytes, url: str, sealer: Sealer, key: str) -> CheckpointArtifact:
+    """Parse the manifest of checkpoint ``key``; refuse anything that is not a manifest, is from
+    a newer format, fails its seal, or claims to be another checkpoint than the one asked for."""
     try:
         body = json.loads(data)
     except ValueError as exc:
-        raise CheckpointFormatError(f"The manifest at {url} is not valid JSON ({exc}).") from exc
+        raise CheckpointCorrupt(f"The manifest at {url} is not valid JSON ({exc}).") from exc
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise CheckpointFormatError(f"{url} is not a metaflow-implicit-checkpoint manifest.")
     version = body.get("version")
@@ -167,6 +173,35 @@ def read_manifest(data: bytes, url: str) -> CheckpointArtifact:
             f"The checkpoint at {url} has format version {version!r}, newer than this "
             f"package reads ({FORMAT_VERSION}). Upgrade metaflow-implicit-checkpoint."
         )
-    body.pop("format")
-    body.pop("version")
+    sealer.verify(body, url)
+    if body.get("key") != key:
+        # A correctly sealed manifest copied to another place is still not that checkpoint.
+        raise CheckpointCorrupt(f"The manifest at {url} belongs to {body.get('key')!r}, not to {key}.")
+    _check_shape(body, url)
+    for stamp in ("format", "version", "seal"):
+        body.pop(stamp)
     return CheckpointArtifact.from_dict({**body, "url": url})
+
+
+_SHAPE = {"name": str, "pathspec": str, "attempt": int, "created_on": str, "metadata": dict,
+          "implicit_manifest": dict}
+
+
+def _check_shape(body: dict, url: str) -> None:
+    """A manifest anyone could have written (no secret set) fails here, not deep in a load."""
+    bad = [k for k, t in _SHAPE.items() if not isinstance(body.get(k), t)]
+    if not bad and not _fields_ok(body["implicit_manifest"].get("fields")):
+        bad = ["implicit_manifest.fields"]
+    if bad:
+        raise CheckpointCorrupt(f"The manifest at {url} is malformed: bad {', '.join(bad)}.")
+
+
+def _fields_ok(fields: Any) -> bool:
+    if not isinstance(fields, dict):
+        return False
+    try:
+        for entry in fields.values():
+            FieldEntry(**entry)
+    except TypeError:
+        return False
+    return True

@@ -17,24 +17,51 @@ Each object is written whole or not at all: on a local disk into a temporary nam
 renamed (atomic on POSIX); on memory and object stores a single put already is. A payload's
 name is its hash, so a payload that exists is complete and never needs rewriting.
 
+On S3 (and memory) a manifest is put with "create only" (``If-None-Match: *``): a committed
+checkpoint can never be replaced. Checkpoint ids are unique, so this is a guard, not a lock;
+its one everyday use is a retried put whose first try landed but whose answer was lost: the
+object found is compared with ours, and equal bytes mean the checkpoint is committed. Payloads
+are put plainly: two writers of one hash write the same bytes, so an overwrite changes nothing.
+
+Every storage call goes through ``retry.RetryPolicy`` (transient faults are retried, bounded in
+time), and any failure is a ``CheckpointStorageError`` that names the URL.
+
 Listing a task's checkpoints lists one directory; finding the newest checkpoint of a foreach
 position across runs lists that position's folder, not the whole store.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import os
 import posixpath
+import re
 import uuid
-from typing import Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import fsspec
 
-from .exceptions import CheckpointConfigError, CheckpointNotFound
+from .exceptions import (
+    CheckpointConfigError,
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointNotFound,
+    CheckpointSaveError,
+    CheckpointStorageError,
+)
 from .manifest import TaskLocation
+from .retry import GaveUp, RetryPolicy
+from .signing import Sealer
 
 HASH_NAME = "sha256"
 _LOCAL_PROTOCOLS = {"file", "local"}
+_CREATE_ONLY_PROTOCOLS = {"s3", "s3a", "memory"}  # an atomic put-if-absent is implemented
+_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
+NOT_SAVED = " This checkpoint was not saved; earlier checkpoints are untouched."
+# A put whose answer never came may still have landed: then the checkpoint is complete and listed.
+MAYBE_SAVED = " Earlier checkpoints are untouched; this one is listed only if a try landed unanswered."
 
 
 def content_hash(data) -> str:
@@ -44,7 +71,14 @@ def content_hash(data) -> str:
 class CheckpointStore:
     """Reads and writes payloads and manifests under one fsspec root URL."""
 
-    def __init__(self, url: str, storage_options: Optional[dict] = None):
+    def __init__(
+        self,
+        url: str,
+        storage_options: Optional[dict] = None,
+        *,
+        retry: RetryPolicy = RetryPolicy(),
+        sealer: Sealer = Sealer(),
+    ):
         try:
             self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         except (ImportError, ValueError) as exc:
@@ -57,14 +91,23 @@ class CheckpointStore:
         protocol = self.fs.protocol
         protocols = {protocol} if isinstance(protocol, str) else set(protocol)
         self._local = bool(protocols & _LOCAL_PROTOCOLS)
+        self._create_only = bool(protocols & _CREATE_ONLY_PROTOCOLS)
+        self.retry, self.sealer = retry, sealer
+        self.retried = 0  # transient faults retried so far (reported by benchmarks)
         self._known: set[str] = set()  # payload hashes seen present, to skip existence checks
+        self._writable: set[str] = set()  # flows whose storage was found writable
 
     # ----- paths -------------------------------------------------------------------------
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
     def _object_path(self, flow: str, digest: str) -> str:
+        if not _DIGEST_RE.match(digest):  # a hostile manifest must not steer reads elsewhere
+            raise CheckpointCorrupt(f"{digest!r} is not a {HASH_NAME} digest.")
         return self._path(flow, "objects", digest[:2], digest)
+
+    def _url(self, path: str) -> str:
+        return self.fs.unstrip_protocol(path)
 
     def _task_dir(self, loc: TaskLocation) -> str:
         return self._path(loc.flow, "steps", loc.step, loc.position, loc.run, loc.task)
@@ -81,16 +124,18 @@ class CheckpointStore:
         if digest in self._known:
             return 0
         path = self._object_path(flow, digest)
-        if self.fs.exists(path):
+        where = f"Could not write payload {self._url(path)}"
+        if self._io(where, lambda: self.fs.exists(path), NOT_SAVED):
             self._known.add(digest)
             return 0
-        self._write_whole(path, data)
+        self._io(where, lambda: self._write_whole(path, data), NOT_SAVED)
         self._known.add(digest)
         return len(data)
 
     def get_object(self, flow: str, digest: str) -> bytes:
+        path = self._object_path(flow, digest)
         try:
-            return self.fs.cat_file(self._object_path(flow, digest))
+            return self._read(path, lambda: self.fs.cat_file(path))
         except FileNotFoundError:
             raise CheckpointNotFound(f"payload {digest} is missing from {self.url}") from None
 
@@ -102,12 +147,14 @@ class CheckpointStore:
     def put_manifest(self, loc: TaskLocation, checkpoint_id: str, data: bytes) -> str:
         """The commit point: once this returns, the checkpoint is visible and loadable."""
         path = self._manifest_path(loc, checkpoint_id)
-        self._write_whole(path, data)
-        return self.fs.unstrip_protocol(path)
+        write = self._create if self._create_only else self._write_whole
+        self._io(f"Could not write manifest {self._url(path)}", lambda: write(path, data), MAYBE_SAVED)
+        return self._url(path)
 
     def get_manifest(self, loc: TaskLocation, checkpoint_id: str) -> bytes:
+        path = self._manifest_path(loc, checkpoint_id)
         try:
-            return self.fs.cat_file(self._manifest_path(loc, checkpoint_id))
+            return self._read(path, lambda: self.fs.cat_file(path))
         except FileNotFoundError:
             raise CheckpointNotFound(
                 f"No checkpoint {loc.key(checkpoint_id)} under {self.url}."
@@ -121,7 +168,7 @@ class CheckpointStore:
         """(location, checkpoint id) of every checkpoint of a foreach position, all runs."""
         base = self._path(flow, "steps", step, position)
         try:
-            paths = self.fs.find(base)
+            paths = self._read(base, lambda: self.fs.find(base))
         except FileNotFoundError:
             paths = []
         found = []
@@ -132,10 +179,49 @@ class CheckpointStore:
                 found.append((TaskLocation(flow, run, step, task, position), name[:-5]))
         return sorted(found, key=lambda item: item[1])
 
+    def check_writable(self, flow: str) -> None:
+        """Fail now, naming the root, if it cannot be written (no such bucket, no access, an
+        unreachable endpoint), rather than in the middle of a save. Once per flow and process.
+
+        It writes the empty payload: a real object of the layout, so nothing foreign is left.
+        """
+        if flow in self._writable:
+            return
+        path = self._object_path(flow, EMPTY_DIGEST)
+        self._io(
+            f"Cannot write checkpoints under {self.url}",
+            lambda: self._write_whole(path, b""),
+            " Check the root URL, the credentials and, for S3, the endpoint (METAFLOW_S3_ENDPOINT_URL).",
+        )
+        self._writable.add(flow)
+        self._known.add(EMPTY_DIGEST)
+
     # ----- internals ---------------------------------------------------------------------
+    def _read(self, path: str, call: Callable[[], Any]) -> Any:
+        """A read: something missing raises FileNotFoundError, for the caller to interpret."""
+        return self._io(f"Could not read {self._url(path)}", call, missing_ok=True)
+
+    def _io(self, what: str, call: Callable[[], Any], hint: str = "", missing_ok: bool = False) -> Any:
+        """One storage call, retried through transient faults; a failure names the URL."""
+        try:
+            return self.retry.call(call, on_retry=self._count_retry)
+        except CheckpointError:
+            raise
+        except FileNotFoundError:
+            if missing_ok:
+                raise
+            raise CheckpointStorageError(f"{what}: the bucket or folder does not exist.{hint}") from None
+        except GaveUp as exc:
+            raise CheckpointStorageError(f"{what}: {exc}.{hint}") from exc.last
+        except Exception as exc:
+            raise CheckpointStorageError(f"{what}: {type(exc).__name__}: {exc}.{hint}") from exc
+
+    def _count_retry(self, exc: BaseException) -> None:
+        self.retried += 1
+
     def _ls(self, path: str) -> list[str]:
         try:
-            return self.fs.ls(path, detail=False)
+            return self._read(path, lambda: self.fs.ls(path, detail=False))
         except FileNotFoundError:
             return []
 
@@ -157,12 +243,28 @@ class CheckpointStore:
                 f.write(data)
             self.fs.mv(tmp, path)  # rename: atomic on POSIX
         except BaseException:
-            if self.fs.exists(tmp):
-                self.fs.rm_file(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # plainly: a failing cleanup must not hide the original error
             raise
+
+    def _create(self, path: str, data: bytes) -> None:
+        """Put ``data`` unless ``path`` exists; existing equal bytes are our own earlier put."""
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            if self.fs.cat_file(path) != data:
+                raise CheckpointSaveError(
+                    f"{self._url(path)} already holds another checkpoint; nothing was overwritten."
+                    + NOT_SAVED
+                ) from None
 
 
 @functools.lru_cache(maxsize=None)
 def open_store(url: str) -> CheckpointStore:
-    """One store per URL and process, so payloads known to exist are not checked twice."""
-    return CheckpointStore(url)
+    """One store per URL and process, so payloads known to exist are not checked twice.
+
+    How to reach the storage and how long to retry come from Metaflow's configuration.
+    """
+    from .storage_options import retry_policy, storage_options
+
+    return CheckpointStore(url, storage_options(url), retry=retry_policy())
