@@ -17,11 +17,11 @@ setup(
     install_requires=[
         "metaflow>=2.15",
         "cloudpickle>=2.2",
-        "fsspec>=2023.6",
+        "fsspec>=2024.12",
         "jinja2>=3.0",
     ],
     extras_require={
-        "s3": ["s3fs>=2023.6"],
-        "dev": ["pytest>=7", "numpy>=1.22", "s3fs>=2023.6", "moto[server]>=5.0"],
+        "s3": ["s3fs>=2024.12"],
+        "dev": ["pytest>=7", "numpy>=1.22", "s3fs>=2024.12", "moto[server]>=5.1"],
     },
 )

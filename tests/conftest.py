@@ -43,8 +43,12 @@ os.environ.update(S3_ENV)
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API server (moto) on 127.0.0.1 with an empty bucket; its endpoint URL."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
 
     port = int(S3_ENDPOINT.rsplit(":", 1)[1])
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -22,13 +22,14 @@ def storage_options(url: str) -> dict:
         return {}
     from metaflow import metaflow_config as config
 
-    client_kwargs = dict(config.DATATOOLS_CLIENT_PARAMS)  # holds S3_ENDPOINT_URL and VERIFY
-    botocore_config = client_kwargs.pop("config", None) or {}
+    # Holds S3_ENDPOINT_URL and S3_VERIFY_CERTIFICATE. Its botocore "config" is left out (Metaflow
+    # turns it into a Config object in place once its own S3 client has been made): retries are ours.
+    client_kwargs = {k: v for k, v in config.DATATOOLS_CLIENT_PARAMS.items() if k != "config"}
     options = {
         "client_kwargs": client_kwargs,
         # retry.RetryPolicy is the one retry layer, so its time bound holds: botocore's own
         # retries are off and a dead endpoint is given up on after 10 s per try.
-        "config_kwargs": {**botocore_config, "retries": {"max_attempts": 1}, "connect_timeout": 10},
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 10},
         # A listing must show what other processes committed a moment ago.
         "use_listings_cache": False,
     }

@@ -17,14 +17,10 @@ Each object is written whole or not at all: on a local disk into a temporary nam
 renamed (atomic on POSIX); on memory and object stores a single put already is. A payload's
 name is its hash, so a payload that exists is complete and never needs rewriting.
 
-On S3 (and memory) a manifest is put with "create only" (``If-None-Match: *``): a committed
-checkpoint can never be replaced. Checkpoint ids are unique, so this is a guard, not a lock;
-its one everyday use is a retried put whose first try landed but whose answer was lost: the
-object found is compared with ours, and equal bytes mean the checkpoint is committed. Payloads
-are put plainly: two writers of one hash write the same bytes, so an overwrite changes nothing.
-
-Every storage call goes through ``retry.RetryPolicy`` (transient faults are retried, bounded in
-time), and any failure is a ``CheckpointStorageError`` that names the URL.
+On S3 and memory a manifest is put "create only" (``If-None-Match: *``), so a committed one is
+never replaced; a retry finding equal bytes there knows its lost-answer put landed. Payloads are
+put plainly: writers of one hash write the same bytes. Every call is retried through transient
+faults (``retry.py``); a failure is a ``CheckpointStorageError`` naming the URL.
 
 Listing a task's checkpoints lists one directory; finding the newest checkpoint of a foreach
 position across runs lists that position's folder, not the whole store.
