@@ -8,13 +8,14 @@ payload is a pickle that creates a file when unpickled: the file must never appe
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pickle
 import random
 import string
 import tempfile
-import warnings
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -171,8 +172,7 @@ class Fuzzer:
     def _falls_back(self, keep, victim, what: str):
         problem = self._refused(lambda: self.cp.restore(self.cp.read(victim.key)), CheckpointError, what)
         if problem is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with contextlib.redirect_stderr(io.StringIO()):  # its warnings name what it skipped
                 loaded = self.facade().load()
             if loaded is None or loaded.key != keep.key or self.me.n != self.kept:
                 problem = f"{what}: load() restored {loaded and loaded.key}, not {keep.key}"

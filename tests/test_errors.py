@@ -104,3 +104,50 @@ def test_a_corrupted_payload_fails_the_load_naming_field_and_checkpoint(run_flow
 
     with pytest.raises(CheckpointCorrupt, match=f"Field 'weights' of checkpoint {artifact.key} does not match its hash"):
         Checkpoint().load(artifact)
+
+
+FALLBACK = """
+import os
+from metaflow import FlowSpec, checkpoint, current, retry, step
+
+class FallbackFlow(FlowSpec):
+    @retry(times=1, minutes_between_retries=0)
+    @checkpoint
+    @step
+    def start(self):
+        if current.retry_count == 0:
+            self.n = 1
+            current.checkpoint.save()
+            self.n = 2
+            newest = current.checkpoint.save()
+            digest = newest.implicit_manifest["fields"]["n"]["hash"].split(":")[1]
+            path = os.path.join(os.environ["METAFLOW_IMPLICIT_CHECKPOINT_ROOT"], "FallbackFlow", "objects",
+                                digest[:2], digest)
+            with open(path, "r+b") as f:  # bit rot in the newest checkpoint's payload
+                data = bytearray(f.read())
+                data[-2] ^= 0x10
+                f.seek(0)
+                f.write(data)
+            raise RuntimeError("crash after the damage")
+        self.loaded = current.checkpoint.load()
+        self.resumed_n = self.n
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+if __name__ == "__main__":
+    FallbackFlow()
+"""
+
+
+def test_a_retry_resumes_from_the_newest_intact_checkpoint_when_the_newest_is_damaged(run_flow, write_flow, tmp_path):
+    """The newest checkpoint's payload rotted between attempts: the retry warns naming it and
+    the field, and resumes from the checkpoint before it instead of failing again."""
+    root = tmp_path / "ckpt"
+    result = run_flow(write_flow(FALLBACK, "fallback.py"), "run", env={"METAFLOW_IMPLICIT_CHECKPOINT_ROOT": str(root)})
+    task = Run(f"FallbackFlow/{result.run_id}")["start"].task
+    newest, older = Checkpoint().list(task=task)
+    assert task["resumed_n"].data == 1 and task["loaded"].data.key == older.key
+    assert f"@checkpoint warning: Not resuming from damaged checkpoint {newest.key}: Field 'n'" in result.output

@@ -78,7 +78,8 @@ def test_retries_back_off_with_jitter_and_stop_at_the_deadline():
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     assert caught.value.attempts == len(starts) >= 5
     assert starts[-1] - starts[0] <= 1.0 + 0.2  # only scheduling delay beyond the deadline
-    assert len(set(round(g, 4) for g in gaps)) == len(gaps)  # jittered, not lockstep
+    assert len(set(round(g, 3) for g in gaps)) >= len(gaps) // 2  # jittered, not lockstep
+    assert max(gaps) <= 0.2 + 0.1  # no wait beyond the cap (plus scheduling delay)
     assert isinstance(caught.value.last, ConnectionResetError)
 
 
@@ -163,7 +164,8 @@ def test_an_unreachable_endpoint_fails_the_first_save_naming_the_root(s3_server)
     with pytest.raises(CheckpointStorageError) as caught:
         cp.save(LOC, 0, {"n": 1})
     assert f"Cannot write checkpoints under {root}" in str(caught.value)
-    assert "METAFLOW_S3_ENDPOINT_URL" in str(caught.value) and cp.store.retried >= 1
+    assert "METAFLOW_S3_ENDPOINT_URL" in str(caught.value)
+    assert "still failing after" in str(caught.value)  # a connection error is retried, then given up
 
 
 def test_a_local_root_that_cannot_be_created_fails_the_first_save(tmp_path):

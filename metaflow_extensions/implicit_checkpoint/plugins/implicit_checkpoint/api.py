@@ -1,8 +1,11 @@
 """``current.checkpoint``: what a decorated step calls."""
 from __future__ import annotations
 
+import contextlib
+import sys
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from .checkpointer import Checkpointer
 from .exceptions import CheckpointFormatError
@@ -51,6 +54,17 @@ def key_in_store(reference: Reference, store: CheckpointStore) -> str:
     return key
 
 
+@contextlib.contextmanager
+def warnings_to_log() -> Iterator[None]:
+    """Print warnings (a damaged checkpoint skipped) to stderr, the task's log: Metaflow's CLI
+    ignores all Python warnings, and these must be seen."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        print(f"@checkpoint warning: {warning.message}", file=sys.stderr)
+
+
 @dataclass
 class StepContext:
     """What the decorator knows about the running task."""
@@ -90,7 +104,8 @@ class CurrentCheckpoint:
         if not self._looked_up:
             self._looked_up = True
             if self._ctx.load_policy != "none":
-                self._resumable = next(self._candidates(), None)
+                with warnings_to_log():
+                    self._resumable = next(self._candidates(), None)
         return self._resumable
 
     @property
@@ -145,7 +160,8 @@ class CurrentCheckpoint:
         self._first_use()
         if reference is None:
             # Damaged payloads of the newest candidate: warn and fall back to an older one.
-            found = restore_newest_intact(self._checkpointer, self._candidates())
+            with warnings_to_log():
+                found = restore_newest_intact(self._checkpointer, self._candidates())
             self._resumable = found[0] if found else None
             if found is None:
                 return None
@@ -180,14 +196,17 @@ class CurrentCheckpoint:
             from .client import Checkpoint
 
             return Checkpoint().list(task=task, name=name, attempt=attempt)
-        return self._checkpointer.list(self._ctx.location, name=name, attempt=attempt)
+        with warnings_to_log():
+            return self._checkpointer.list(self._ctx.location, name=name, attempt=attempt)
 
     def lineage(self, reference: Optional[Reference] = None) -> list[CheckpointArtifact]:
         """Ancestors of a checkpoint (default: the one loaded in this attempt), oldest first,
         the checkpoint itself last; ``[]`` when nothing was loaded."""
-        if reference is None:
-            return follow_lineage(self._checkpointer, self._loaded.key) if self._loaded else []
-        return follow_lineage(self._checkpointer, self._key(reference))
+        if reference is None and self._loaded is None:
+            return []
+        key = self._loaded.key if reference is None else self._key(reference)
+        with warnings_to_log():
+            return follow_lineage(self._checkpointer, key)
 
     def _candidates(self):
         return self._checkpointer.resumable(
