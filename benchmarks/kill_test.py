@@ -146,7 +146,8 @@ def verify(root: str, attempt: int, lines: list[str], newest_before, tally: Coun
 
 
 def run_backend(root: str, kills: int, args, rng: random.Random, tally: Counter, problems: list) -> None:
-    phase_file = tempfile.mktemp(prefix="kill-phase-")
+    handle, phase_file = tempfile.mkstemp(prefix="kill-phase-")
+    os.close(handle)
     newest = None
     for attempt in range(kills):
         phase, injected, retried, lines, stderr = Round(root, attempt, args, rng, phase_file).kill()

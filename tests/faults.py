@@ -20,16 +20,16 @@ CALLS = frozenset({"cat_file", "pipe_file", "exists", "ls", "find", "open", "mv"
 _AFTER_OK = CALLS - {"open"}  # a fault after open() would leak the open file
 
 
-def _answer(status: int, code: str) -> Exception:
+def answer(status: int, code: str) -> Exception:
     error = ClientError({"Error": {"Code": code, "Message": f"injected {code}"},
                          "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
     return translate_boto_error(error)
 
 
 TRANSIENT: list[Callable[[], Exception]] = [
-    lambda: _answer(503, "SlowDown"),
-    lambda: _answer(500, "InternalError"),
-    lambda: _answer(503, "ServiceUnavailable"),
+    lambda: answer(503, "SlowDown"),
+    lambda: answer(500, "InternalError"),
+    lambda: answer(503, "ServiceUnavailable"),
     lambda: EndpointConnectionError(endpoint_url="http://injected"),
     lambda: ReadTimeoutError(endpoint_url="http://injected"),
     lambda: ConnectionClosedError(endpoint_url="http://injected"),

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 from botocore.exceptions import EndpointConnectionError, NoCredentialsError, SSLError
-from faults import TRANSIENT, FaultyFS, _answer
+from faults import TRANSIENT, FaultyFS, answer
 
 from conftest import S3_BUCKET, free_port
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.checkpointer import Checkpointer
@@ -46,12 +46,12 @@ def assert_state(values, i):
 
 
 @pytest.mark.parametrize("error, transient", [
-    (_answer(503, "SlowDown"), True),
-    (_answer(500, "InternalError"), True),
-    (_answer(429, "TooManyRequests"), True),
-    (_answer(404, "NoSuchKey"), False),
-    (_answer(403, "AccessDenied"), False),
-    (_answer(400, "InvalidArgument"), False),
+    (answer(503, "SlowDown"), True),
+    (answer(500, "InternalError"), True),
+    (answer(429, "TooManyRequests"), True),
+    (answer(404, "NoSuchKey"), False),
+    (answer(403, "AccessDenied"), False),
+    (answer(400, "InvalidArgument"), False),
     (EndpointConnectionError(endpoint_url="http://x"), True),
     (ConnectionResetError(errno.ECONNRESET, "reset"), True),
     (TimeoutError("slow"), True),
