@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # faults.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # transient_faults.py
 
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.checkpointer import Checkpointer  # noqa: E402
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.manifest import TaskLocation  # noqa: E402
@@ -111,7 +111,7 @@ def main() -> int:
     store = CheckpointStore(args.root, storage_options(args.root), retry=RETRY)
     faults = None
     if args.fault_rate:
-        from faults import FaultyFS
+        from transient_faults import FaultyFS
 
         store.fs = faults = FaultyFS(store.fs, rate=args.fault_rate, seed=args.seed)
     phases.hook(store, faults)

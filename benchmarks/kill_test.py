@@ -3,8 +3,8 @@
     python benchmarks/kill_test.py --kills 240 --backend both --fault-rate 0.05 --bad-inputs 600
 
 Each round starts benchmarks/kill_child.py as the next attempt of one task: it resumes from the
-newest intact checkpoint, checks it exactly, and saves in a loop while tests/faults.py injects
-transient faults that its retries must absorb. The round kills it with SIGKILL at a random instant,
+newest intact checkpoint, checks it exactly, and saves in a loop while tests/transient_faults.py
+injects transient faults that its retries must absorb. The round kills it with SIGKILL at a random instant,
 or just as it starts writing a payload or a manifest. Then, with a fresh reader and no faults:
 
 - list() shows only loadable checkpoints: each new one is restored and checked exactly;

@@ -1,5 +1,6 @@
 """Transient faults are retried (bounded in time), lasting ones fail naming the URL, and no fault
-ever costs an earlier checkpoint. Faults are injected by tests/faults.py around real backends."""
+ever costs an earlier checkpoint. Faults are injected by tests/transient_faults.py around real
+backends."""
 from __future__ import annotations
 
 import errno
@@ -8,7 +9,7 @@ import time
 import numpy as np
 import pytest
 from botocore.exceptions import EndpointConnectionError, NoCredentialsError, SSLError
-from faults import TRANSIENT, FaultyFS, answer
+from transient_faults import TRANSIENT, FaultyFS, answer
 
 from conftest import S3_BUCKET, free_port
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.checkpointer import Checkpointer
