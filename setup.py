@@ -19,7 +19,7 @@ setup(
     install_requires=[
         "metaflow>=2.15",
         "cloudpickle>=2.2",
-        "fsspec>=2023.6",
+        "fsspec>=2024.12",
         "jinja2>=3.0",
         "orjson>=3.6",
         "xxhash>=3.0",
@@ -30,7 +30,7 @@ setup(
         ],
     },
     extras_require={
-        "s3": ["s3fs>=2023.6"],
-        "dev": ["pytest>=7", "numpy>=1.22", "s3fs>=2023.6", "moto[server]>=5.0", "selenium>=4.10"],
+        "s3": ["s3fs>=2024.12"],
+        "dev": ["pytest>=7", "numpy>=1.22", "s3fs>=2024.12", "moto[server]>=5.1", "selenium>=4.10"],
     },
 )

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import uuid
@@ -17,20 +18,73 @@ TEST_FLOWS = Path(__file__).resolve().parent / "flows"
 XSS = "<script>alert(1)</script>"
 
 
-def save_state(checkpointer, loc, attempt, state, **kwargs):
-    """Save a dict as a checkpoint through the core (capture, then commit) and return it."""
-    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.snapshot import DEFAULT_SERIALIZER
-    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.writer import capture, commit
-
-    return commit(checkpointer.store, capture(DEFAULT_SERIALIZER, loc, attempt, state, **kwargs))
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-@pytest.fixture(params=["memory", "local"])
+# The S3 API server (moto's) that the `s3_server` fixture starts on loopback. Metaflow reads its
+# configuration once, when first imported, so its S3 settings go into the environment now, before
+# any test imports metaflow; flow subprocesses inherit them. Dummy credentials: moto accepts any,
+# and real ones must never reach it.
+S3_BUCKET = "mf-test"
+S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+S3_ENV = {
+    "METAFLOW_S3_ENDPOINT_URL": S3_ENDPOINT,
+    "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{S3_BUCKET}/metaflow",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "METAFLOW_IMPLICIT_CHECKPOINT_SECRET"):
+    os.environ.pop(name, None)
+os.environ.update(S3_ENV)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API server (moto) on 127.0.0.1 with an empty bucket; its endpoint URL."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
+
+    port = int(S3_ENDPOINT.rsplit(":", 1)[1])
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    boto3.client("s3", endpoint_url=S3_ENDPOINT).create_bucket(Bucket=S3_BUCKET)
+    yield S3_ENDPOINT
+    server.stop()
+
+
+def fresh_root(backend: str, request, tmp_path) -> str:
+    if backend == "memory":
+        return f"memory://ckpt-{uuid.uuid4().hex}"
+    if backend == "s3":
+        request.getfixturevalue("s3_server")
+        return f"s3://{S3_BUCKET}/ckpt-{uuid.uuid4().hex}"
+    return str(tmp_path / "ckpt")
+
+
+@pytest.fixture(params=["memory", "local", "s3"])
 def root_url(request, tmp_path):
     """A fresh checkpoint root on each real fsspec backend the core must support."""
-    if request.param == "memory":
-        return f"memory://ckpt-{uuid.uuid4().hex}"
-    return str(tmp_path / "ckpt")
+    return fresh_root(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=["memory", "s3"])
+def object_store_url(request, tmp_path):
+    """A fresh root on each object store (no rename: one put is the commit)."""
+    return fresh_root(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=["local", "s3"])
+def shared_root_url(request, tmp_path):
+    """A fresh root that several processes can reach."""
+    return fresh_root(request.param, request, tmp_path)
 
 
 class FlowRun:

@@ -64,7 +64,7 @@ def test_background_failure_surfaces_at_wait_naming_the_checkpoint(faulty, monke
     monkeypatch.setattr(FaultyFileSystem, "fail_paths", ("/objects/",))
     flow.w = np.zeros(2 * MB)
     bad = api.save()
-    with pytest.raises(CheckpointSaveError, match=f"Background save failed .*{bad.key}: OSError: injected write failure"):
+    with pytest.raises(CheckpointSaveError, match=f"Background save failed .*{bad.key}: CheckpointStorageError: Could not write payload .*injected write failure"):
         api.wait()
     assert [a.key for a in api.list()] == [good.key]
     _, later = make_api(faulty, attempt=1)

@@ -25,7 +25,7 @@ from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.checkpo
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.manifest import TaskLocation
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import open_store
 
-from conftest import TEST_FLOWS, XSS, save_state
+from conftest import TEST_FLOWS, XSS
 
 FLOW = TEST_FLOWS / "card_live_flow.py"
 
@@ -224,9 +224,9 @@ def test_update_from_an_earlier_attempt_is_ignored(browser, tmp_path):
     attempt's data update in place: the page applies updates of its own attempt or later only."""
     root = str(tmp_path / "ckpt")
     checkpointer, loc = Checkpointer(open_store(root)), TaskLocation("F", "1", "train", "2")
-    save_state(checkpointer, loc, 0, {"w": 0}, name="old")
+    checkpointer.save(loc, 0, {"w": 0}, name="old")
     old = build_view(checkpointer, CardRequest(loc.pathspec, loc.position, 0, root, "fresh"))
-    save_state(checkpointer, loc, 1, {"w": 1}, name="new")
+    checkpointer.save(loc, 1, {"w": 1}, name="new")
     new = build_view(checkpointer, CardRequest(loc.pathspec, loc.position, 1, root, "fresh"))
     page = tmp_path / "card.html"
     page.write_text(render_page(new, "never"))
@@ -234,7 +234,7 @@ def test_update_from_an_earlier_attempt_is_ignored(browser, tmp_path):
     update = "return window.metaflow_card_update({attempt: arguments[0], sections: arguments[1]})"
     assert browser.execute_script(update, 0, {k: str(v) for k, v in render_sections(old).items()}) is False
     assert [r["name"] for r in rows(browser, "checkpoints")] == ["old", "new"]
-    save_state(checkpointer, loc, 1, {"w": 2}, name="newer")
+    checkpointer.save(loc, 1, {"w": 2}, name="newer")
     newer = build_view(checkpointer, CardRequest(loc.pathspec, loc.position, 1, root, "fresh"))
     assert browser.execute_script(update, 1, {k: str(v) for k, v in render_sections(newer).items()}) is True
     assert [r["name"] for r in rows(browser, "checkpoints")] == ["old", "new", "newer"]

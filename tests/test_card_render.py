@@ -16,16 +16,16 @@ from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.checkpo
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.manifest import TaskLocation
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import open_store
 
-from conftest import XSS, CardTables, save_state
+from conftest import XSS, CardTables
 
 
 def _saved(root_url):
     """Two checkpoints of attempt 0, then one of attempt 1 that loaded the second."""
     checkpointer = Checkpointer(open_store(root_url))
     loc = TaskLocation("F", "1", "train", "7")
-    first = save_state(checkpointer, loc, 0, {"w": 1}, name="first", metadata={"loss": 0.5, "acc": 0.1})
-    second = save_state(checkpointer, loc, 0, {"w": 2}, name="<img src=x onerror=alert(1)>", metadata={"note": XSS, "loss": 0.25}, parent=first.key)
-    third = save_state(checkpointer, loc, 1, {"w": 2, "b": 3}, name="third", metadata={"loss": 0.125}, parent=second.key)
+    first = checkpointer.save(loc, 0, {"w": 1}, name="first", metadata={"loss": 0.5, "acc": 0.1})
+    second = checkpointer.save(loc, 0, {"w": 2}, name="<img src=x onerror=alert(1)>", metadata={"note": XSS, "loss": 0.25}, parent=first.key)
+    third = checkpointer.save(loc, 1, {"w": 2, "b": 3}, name="third", metadata={"loss": 0.125}, parent=second.key)
     request = CardRequest(loc.pathspec, loc.position, attempt=1, root=root_url, load_policy="fresh", loaded=second.key)
     return checkpointer, request, [first, second, third]
 
@@ -70,8 +70,8 @@ def test_plot_prefers_loss_and_needs_two_numeric_values(root_url):
     assert view.plot.points[0][1] < view.plot.points[-1][1]  # larger values are drawn higher
     assert not view.plot.log  # 0.5 to 0.125 spans less than 100x
     loc = TaskLocation("F", "2", "train", "1")
-    save_state(checkpointer, loc, 0, {"w": 1}, metadata={"loss": "n/a", "ok": True})
-    save_state(checkpointer, loc, 0, {"w": 1}, metadata={"loss": 1.0})
+    checkpointer.save(loc, 0, {"w": 1}, metadata={"loss": "n/a", "ok": True})
+    checkpointer.save(loc, 0, {"w": 1}, metadata={"loss": 1.0})
     bare = CardRequest(loc.pathspec, loc.position, 0, root_url, "fresh")
     assert build_view(checkpointer, bare).plot is None and "<svg" not in render_page(build_view(checkpointer, bare), "t")
 
@@ -81,7 +81,7 @@ def test_plot_of_values_spanning_orders_of_magnitude_is_logarithmic(root_url):
     checkpointer = Checkpointer(open_store(root_url))
     loc = TaskLocation("F", "3", "train", "1")
     for loss in (100, 10, 1):
-        save_state(checkpointer, loc, 0, {"w": loss}, metadata={"loss": loss})
+        checkpointer.save(loc, 0, {"w": loss}, metadata={"loss": loss})
     plot = build_view(checkpointer, CardRequest(loc.pathspec, loc.position, 0, root_url, "fresh")).plot
     (_, top, _, _), (_, middle, _, _), (_, bottom, _, _) = plot.points
     assert plot.log and middle == pytest.approx((top + bottom) / 2)

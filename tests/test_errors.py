@@ -119,3 +119,50 @@ def test_bad_keep_is_refused_before_any_task(run_flow, write_flow):
     result = run_flow(flow(write_flow, "pass", 'keep={"last": 3, "best": ("loss", "lowest", 2)}'), "run", expect_ok=False)
     assert "@checkpoint on step work: keep['best']=('loss', 'lowest', 2) must be (metadata key, 'min' or 'max'" in result.output
     assert "Workflow starting" not in result.output
+
+
+FALLBACK = """
+import os
+from metaflow import FlowSpec, checkpoint, current, retry, step
+
+class FallbackFlow(FlowSpec):
+    @retry(times=1, minutes_between_retries=0)
+    @checkpoint
+    @step
+    def start(self):
+        if current.retry_count == 0:
+            self.n, self.blob = 1, list(range(3000))  # large enough to be a payload object
+            current.checkpoint.save()
+            self.n, self.blob = 2, list(range(3001))
+            newest = current.checkpoint.save()
+            digest = newest.implicit_manifest["fields"]["blob"]["hash"].split(":")[1]
+            path = os.path.join(os.environ["METAFLOW_IMPLICIT_CHECKPOINT_ROOT"], "FallbackFlow", "objects",
+                                digest[:2], digest)
+            with open(path, "r+b") as f:  # bit rot in the newest checkpoint's payload
+                data = bytearray(f.read())
+                data[-2] ^= 0x10
+                f.seek(0)
+                f.write(data)
+            raise RuntimeError("crash after the damage")
+        self.loaded = current.checkpoint.load()
+        self.resumed_n = self.n
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+if __name__ == "__main__":
+    FallbackFlow()
+"""
+
+
+def test_a_retry_resumes_from_the_newest_intact_checkpoint_when_the_newest_is_damaged(run_flow, write_flow, tmp_path):
+    """The newest checkpoint's payload rotted between attempts: the retry warns naming it and
+    the field, and resumes from the checkpoint before it instead of failing again."""
+    root = tmp_path / "ckpt"
+    result = run_flow(write_flow(FALLBACK, "fallback.py"), "run", env={"METAFLOW_IMPLICIT_CHECKPOINT_ROOT": str(root)})
+    task = Run(f"FallbackFlow/{result.run_id}")["start"].task
+    newest, older = Checkpoint().list(task=task)
+    assert task["resumed_n"].data == 1 and task["loaded"].data.key == older.key
+    assert f"@checkpoint warning: Not resuming from damaged checkpoint {newest.key}: Field 'blob'" in result.output

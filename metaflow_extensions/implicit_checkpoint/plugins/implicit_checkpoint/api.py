@@ -1,17 +1,20 @@
 """``current.checkpoint``: what a decorated step calls."""
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from . import retention
 from .background import BackgroundSaves, raise_failures
 from .checkpointer import Checkpointer
-from .exceptions import CheckpointFormatError
+from .exceptions import CheckpointError, CheckpointFormatError
 from .lineage import lineage as follow_lineage
 from .manifest import CheckpointArtifact, TaskLocation, parse_key
 from .marks import PINS, put_marker
+from .recovery import restore_newest_intact
 from .snapshot import DEFAULT_SERIALIZER, select_state
 from .store import CheckpointStore, open_store
 from .writer import Capture, capture, commit
@@ -35,6 +38,38 @@ def key_of(reference: Reference) -> str:
         f"A checkpoint reference is a CheckpointArtifact, its to_dict() or its key, "
         f"not {type(reference).__name__}."
     )
+
+
+def key_in_store(reference: Reference, store: CheckpointStore) -> str:
+    """The key of a reference that belongs to ``store``.
+
+    A key is always read inside the store (its parts cannot climb out of the root). An artifact
+    or dict also says where it was saved (``url``): one saved under another root is refused
+    rather than silently read from this one.
+    """
+    key = key_of(reference)
+    url = reference.url if isinstance(reference, CheckpointArtifact) else None
+    if isinstance(reference, dict):
+        url = reference.get("url")
+    here = store.manifest_url(*parse_key(key))
+    if url is not None and url != here:
+        raise CheckpointFormatError(
+            f"Checkpoint {key} was saved at {url}, outside this storage ({store.url}). Open "
+            "that storage with Checkpoint(root=...), or pass the key alone to read the checkpoint "
+            "with that key from this one."
+        )
+    return key
+
+
+@contextlib.contextmanager
+def warnings_to_log() -> Iterator[None]:
+    """Print warnings (a damaged checkpoint skipped) to stderr, the task's log: Metaflow's CLI
+    ignores all Python warnings, and these must be seen."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        print(f"@checkpoint warning: {warning.message}", file=sys.stderr)
 
 
 @dataclass
@@ -82,12 +117,8 @@ class CurrentCheckpoint:
         if not self._looked_up:
             self._looked_up = True
             if self._ctx.load_policy != "none":
-                self._resumable = self._checkpointer.find_resumable(
-                    self._ctx.location,
-                    self._ctx.attempt,
-                    other_runs=self._ctx.load_policy == "eager",
-                    namespace=self._ctx.namespace,
-                )
+                with warnings_to_log():
+                    self._resumable = next(self._candidates(), None)
         return self._resumable
 
     @property
@@ -114,6 +145,7 @@ class CurrentCheckpoint:
         ``load()``. ``pin=True`` exempts it from ``@checkpoint(keep=...)`` retention.
         """
         self._first_use()
+        self._checkpointer.store.check_writable(self._ctx.location.flow)  # here, not in a child
         self._settle(self._background.poll() if self._background else [])
         cap = capture(
             DEFAULT_SERIALIZER,
@@ -177,16 +209,25 @@ class CurrentCheckpoint:
         """Restore a checkpoint's attributes onto ``self`` and return it.
 
         With no reference, restores what ``load_policy`` found and returns ``None`` when
-        there is nothing to load. An explicit reference that does not exist raises.
+        there is nothing to load; if that checkpoint's payloads are damaged, warns naming
+        them and falls back to the newest intact checkpoint. An explicit reference that does
+        not exist or is damaged raises.
         """
+        if reference is None and self.latest is None:
+            return None
+        self._first_use()
         if reference is None:
-            artifact = self.latest
-            if artifact is None:
+            # Damaged payloads of the newest candidate: warn and fall back to an older one.
+            with warnings_to_log():
+                found = restore_newest_intact(self._checkpointer, self._candidates())
+            self._resumable = found[0] if found else None
+            if found is None:
                 return None
+            artifact, values = found
         else:
             artifact = self._checkpointer.read(self._own_flow_key(reference))
-        self._first_use()
-        for name, value in self._checkpointer.restore(artifact).items():
+            values = self._checkpointer.restore(artifact)
+        for name, value in values.items():
             setattr(self._ctx.flow, name, value)
         self._loaded = artifact
         self._parent = artifact.key
@@ -200,7 +241,7 @@ class CurrentCheckpoint:
         ``load()`` would restore; ``None`` when there is none.
         """
         if reference is not None:
-            return self._checkpointer.read(key_of(reference)).implicit_manifest
+            return self._checkpointer.read(self._key(reference)).implicit_manifest
         key = self._parent or (self.latest.key if self.latest else None)
         return self._checkpointer.read(key).implicit_manifest if key else None
 
@@ -214,17 +255,31 @@ class CurrentCheckpoint:
 
             return Checkpoint().list(task=task, name=name, attempt=attempt)
         self._settle(self._background.poll() if self._background else [])
-        return self._checkpointer.list(self._ctx.location, name=name, attempt=attempt)
+        with warnings_to_log():
+            return self._checkpointer.list(self._ctx.location, name=name, attempt=attempt)
 
     def lineage(self, reference: Optional[Reference] = None) -> list[CheckpointArtifact]:
         """Ancestors of a checkpoint (default: the one loaded in this attempt), oldest first,
         the checkpoint itself last; ``[]`` when nothing was loaded."""
-        if reference is None:
-            return follow_lineage(self._checkpointer, self._loaded.key) if self._loaded else []
-        return follow_lineage(self._checkpointer, key_of(reference))
+        if reference is None and self._loaded is None:
+            return []
+        key = self._loaded.key if reference is None else self._key(reference)
+        with warnings_to_log():
+            return follow_lineage(self._checkpointer, key)
+
+    def _candidates(self):
+        return self._checkpointer.resumable(
+            self._ctx.location,
+            self._ctx.attempt,
+            other_runs=self._ctx.load_policy == "eager",
+            namespace=self._ctx.namespace,
+        )
+
+    def _key(self, reference: Reference) -> str:
+        return key_in_store(reference, self._checkpointer.store)
 
     def _own_flow_key(self, reference: Reference) -> str:
-        key = key_of(reference)
+        key = self._key(reference)
         if parse_key(key)[0].flow != self._ctx.location.flow:
             raise CheckpointFormatError(
                 f"Checkpoint {key} belongs to another flow; {self._where} can only load "
@@ -252,7 +307,7 @@ class CurrentCheckpoint:
             return
         try:
             self._retainer.after_saves(saved, self._loaded.key if self._loaded else None)
-        except OSError as exc:  # the save itself is durable; retention tries again next save
+        except (OSError, CheckpointError) as exc:  # the save is durable; retried next save
             # stderr, not warnings: Metaflow silences warnings in task processes
             print(f"Retention in {self._where} could not delete old checkpoints ({exc}); "
                   "they are kept, and retried at the next save.", file=sys.stderr)

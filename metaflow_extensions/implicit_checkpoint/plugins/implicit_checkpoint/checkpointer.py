@@ -9,7 +9,7 @@ import base64
 import io
 import warnings
 from dataclasses import replace
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from .exceptions import CheckpointCorrupt, CheckpointError, CheckpointNotFound
 from .manifest import CheckpointArtifact, FieldEntry, TaskLocation, parse_key, read_inline, read_manifest
@@ -27,6 +27,18 @@ class Checkpointer:
         # a listing still decides which checkpoints exist.
         self._parsed: dict[str, CheckpointArtifact] = {}
 
+    def save(self, loc: TaskLocation, attempt: int, state: dict[str, Any], **options: Any) -> CheckpointArtifact:
+        """Save a dict of values as a checkpoint of ``loc``, synchronously (``writer.capture``
+        takes the options: name, metadata, latest, parent, namespace, ...)."""
+        from .snapshot import DEFAULT_SERIALIZER
+        from .writer import capture, commit
+
+        cap = capture(DEFAULT_SERIALIZER, loc, attempt, state, **options)  # validates first
+        self.store.check_writable(loc.flow)
+        artifact = commit(self.store, cap)
+        self.remember(artifact)
+        return artifact
+
     def remember(self, artifact: CheckpointArtifact) -> None:
         """Keep a checkpoint this process saved, so listing it needs no read."""
         if len(self._parsed) > 100_000:
@@ -42,7 +54,7 @@ class Checkpointer:
         loc, checkpoint_id = parse_key(key)
         data = self.store.get_manifest(loc, checkpoint_id)
         url = self.store.manifest_url(loc, checkpoint_id)
-        return read_manifest(data, url), read_inline(data, url)
+        return read_manifest(data, url, self.store.sealer, key), read_inline(data, url)
 
     def restore(self, artifact: CheckpointArtifact, fields: Optional[Iterable[str]] = None) -> dict[str, Any]:
         """Fetch, verify and deserialize the payloads of a checkpoint (as its stored manifest
@@ -102,21 +114,24 @@ class Checkpointer:
         """The newest ``latest`` checkpoint of this task's earlier attempts; with
         ``other_runs``, else the newest of the same flow, step and foreach position in
         earlier runs of ``namespace``."""
+        return next(self.resumable(loc, attempt, other_runs=other_runs, namespace=namespace), None)
+
+    def resumable(
+        self, loc: TaskLocation, attempt: int, *, other_runs: bool, namespace: Optional[str]
+    ) -> Iterator[CheckpointArtifact]:
+        """Every checkpoint ``find_resumable`` could pick, best first (to fall back on)."""
         own = [i for i in reversed(live_ids(self.store, loc)) if _attempt_of(i) < attempt]
         for start in range(0, len(own), 16):  # newest first, a few manifests at a time
-            for artifact in self._read_many(loc, own[start:start + 16]):
-                if artifact.latest:
-                    return artifact
+            yield from (a for a in self._read_many(loc, own[start:start + 16]) if a.latest)
         if not other_runs:
-            return None
+            return
         for other, checkpoint_id in reversed(self.store.list_position(loc.flow, loc.step, loc.position)):
             if other.run == loc.run:
                 continue
             for artifact in self._read_many(other, [checkpoint_id]):
                 if artifact.latest and artifact.namespace == namespace:
                     if not is_marked(self.store, other, RETIRED, checkpoint_id):
-                        return artifact
-        return None
+                        yield artifact
 
     def _read_many(self, loc: TaskLocation, ids: Iterable[str]) -> list[CheckpointArtifact]:
         ids = list(ids)
@@ -126,7 +141,7 @@ class Checkpointer:
             if data is None:
                 continue  # deleted between listing and reading
             try:
-                self.remember(read_manifest(data, f"{folder}/{checkpoint_id}.json"))
+                self.remember(read_manifest(data, f"{folder}/{checkpoint_id}.json", self.store.sealer, loc.key(checkpoint_id)))
             except CheckpointError as exc:
                 warnings.warn(f"Skipping unreadable checkpoint {loc.key(checkpoint_id)}: {exc}")
         return [self._parsed[k] for k in map(loc.key, ids) if k in self._parsed]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 from . import marks
-from .api import Reference, key_of
+from .api import Reference, key_in_store, key_of
 from .checkpointer import Checkpointer
 from .display import CheckpointList
 from .exceptions import CheckpointNotFound
@@ -65,7 +65,7 @@ class Checkpoint:
         """The fields of a checkpoint as a dict; with ``into=``, also set them on that object.
         ``fields=["model"]`` fetches only the named fields' payloads."""
         checkpointer = self.checkpointer_for(reference)
-        values = checkpointer.restore(checkpointer.read(key_of(reference)), fields)
+        values = checkpointer.restore(checkpointer.read(key_in_store(reference, checkpointer.store)), fields)
         if into is not None:
             for name, value in values.items():
                 setattr(into, name, value)
@@ -73,26 +73,31 @@ class Checkpoint:
 
     def inspect(self, reference: Reference) -> dict:
         """What a checkpoint holds, from its manifest alone."""
-        return self.checkpointer_for(reference).read(key_of(reference)).implicit_manifest
+        checkpointer = self.checkpointer_for(reference)
+        return checkpointer.read(key_in_store(reference, checkpointer.store)).implicit_manifest
 
     def lineage(self, reference: Reference) -> CheckpointList:
         """Ancestors of a checkpoint, oldest first, the checkpoint itself last. Deleted saves
         are skipped; the chain goes on through the checkpoints each attempt resumed from."""
-        return CheckpointList(follow_lineage(self.checkpointer_for(reference), key_of(reference)))
+        checkpointer = self.checkpointer_for(reference)
+        return CheckpointList(follow_lineage(checkpointer, key_in_store(reference, checkpointer.store)))
 
     def pin(self, reference: Reference) -> None:
         """Exempt a checkpoint from retention (``@checkpoint(keep=...)``) and deletion."""
-        marks.pin(self.checkpointer_for(reference).store, key_of(reference))
+        store = self.checkpointer_for(reference).store
+        marks.pin(store, key_in_store(reference, store))
 
     def unpin(self, reference: Reference) -> None:
         """Make a pinned checkpoint subject to retention again."""
-        marks.unpin(self.checkpointer_for(reference).store, key_of(reference))
+        store = self.checkpointer_for(reference).store
+        marks.unpin(store, key_in_store(reference, store))
 
     def delete(self, reference: Reference) -> bool:
         """Delete a checkpoint: it disappears from ``list()`` at once and is purged by ``gc``
         once the grace period has passed. False if it was already deleted; a pinned one raises
         ``CheckpointPinned``."""
-        return marks.retire(self.checkpointer_for(reference).store, key_of(reference))
+        store = self.checkpointer_for(reference).store
+        return marks.retire(store, key_in_store(reference, store))
 
     def delete_run(self, run: Any) -> "RunDeletion":
         """Delete every checkpoint of a run (a ``Run`` or pathspec ``Flow/run``), except pinned

@@ -32,7 +32,7 @@ class CheckpointNotFound(CheckpointError):
 
 
 class CheckpointCorrupt(CheckpointError):
-    """A stored payload does not match the hash its manifest recorded."""
+    """A stored payload or manifest is damaged or missing: it does not match its hash or seal."""
 
     headline = "Checkpoint is corrupt"
 
@@ -47,3 +47,15 @@ class CheckpointPinned(CheckpointError):
     """A pinned checkpoint was asked to be deleted."""
 
     headline = "Checkpoint is pinned"
+
+
+class CheckpointUntrusted(CheckpointError):
+    """With a secret configured, a manifest is unsigned or signed with another secret."""
+
+    headline = "Untrusted checkpoint"
+
+
+class CheckpointStorageError(CheckpointError):
+    """The storage could not be reached or written, even after retrying transient faults."""
+
+    headline = "Checkpoint storage failed"

@@ -27,7 +27,7 @@ from typing import Callable
 from .exceptions import CheckpointError
 from .manifest import read_manifest
 from .marks import GRACE_SECONDS, PINS, RETIRED, mtime_of, remove_paths
-from .store import CheckpointStore
+from .store import EMPTY_DIGEST, CheckpointStore
 
 Progress = Callable[[str], None]
 _READ_BATCH = 256
@@ -111,8 +111,8 @@ def _inventory(store: CheckpointStore, flow: str) -> _Inventory:
         size, age = int(info.get("size") or 0), now - mtime_of(info)
         if rel[-1].endswith(".tmp"):
             inv.temp.append((path, size, age))
-        elif rel[0] == "objects" and len(rel) == 3:
-            inv.payloads[rel[2]] = (path, size, age)
+        elif rel[0] == "objects" and len(rel) == 3 and rel[2] != EMPTY_DIGEST:
+            inv.payloads[rel[2]] = (path, size, age)  # (the empty one is the write probe: kept)
         elif rel[0] == "steps" and len(rel) == 6 and rel[5].endswith(".json"):
             inv.manifests[("/".join(rel[1:5]), rel[5][:-5])] = path
         elif rel[0] == "steps" and len(rel) == 7 and rel[5] in (PINS, RETIRED):
@@ -140,7 +140,7 @@ def _read_references(store: CheckpointStore, paths: list[str], progress: Progres
             if isinstance(data, Exception):
                 raise CheckpointError(f"gc stopped before deleting anything: cannot read {path} ({data}).")
             try:
-                artifact = read_manifest(data, store.fs.unstrip_protocol(path))
+                artifact = read_manifest(data, store.fs.unstrip_protocol(path), store.sealer, None)
             except CheckpointError as exc:
                 raise CheckpointError(
                     f"gc stopped before deleting anything: {exc} Delete or restore that manifest, then run gc again."

@@ -6,7 +6,8 @@ a frozen dataclass with ``to_dict``/``from_dict``; lineage is just the ``parent`
 A checkpoint key is ``<flow>/<run>/<step>/<task>/<position>/<checkpoint id>``: the task's
 pathspec, then its foreach position (``root`` outside a foreach, ``2`` or ``2.0`` inside
 nested ones), then an id that sorts by creation time. Given the storage root, the key alone
-finds the checkpoint.
+finds the checkpoint. A key is always read relative to one storage root: its parts may not
+contain a separator or start with a dot, so no key names anything outside the root.
 """
 from __future__ import annotations
 
@@ -20,13 +21,16 @@ from typing import Any, Optional
 
 import orjson
 
-from .exceptions import CheckpointFormatError
+from .exceptions import CheckpointCorrupt, CheckpointFormatError
+from .signing import Sealer
 
 FORMAT = "metaflow-implicit-checkpoint"
 FORMAT_VERSION = 1
 ROOT_POSITION = "root"
 
 _ID_RE = re.compile(r"^\d{8}T\d{12}Z-a\d+-[0-9a-f]{8}$")
+# A part of a key becomes a path segment under the root: no separators, no leading dot ("..").
+_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:=+@-]{0,254}$")
 _ISO = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
@@ -58,7 +62,7 @@ class TaskLocation:
 def parse_key(key: str) -> tuple[TaskLocation, str]:
     """Split a checkpoint key into its task location and checkpoint id."""
     parts = key.split("/") if isinstance(key, str) else []
-    if len(parts) != 6 or not all(parts) or not _ID_RE.match(parts[5]):
+    if len(parts) != 6 or not all(_PART_RE.match(p) for p in parts) or not _ID_RE.match(parts[5]):
         raise CheckpointFormatError(
             f"{key!r} is not a checkpoint key. A key looks like "
             "'Flow/run/step/task/position/20260101T000000000000Z-a0-0123abcd'; "
@@ -162,24 +166,33 @@ class CheckpointArtifact:
         return artifact_html(self)
 
 
-def manifest_bytes(artifact: CheckpointArtifact, inline: Optional[dict] = None) -> bytes:
-    """A manifest file: one JSON line describing the checkpoint (the artifact minus its url and
-    pinned flag, which are not part of it, plus the format stamp), then one JSON line of the small payloads kept inline (base64 by
-    field name), so listing checkpoints never parses their payloads."""
+def manifest_bytes(artifact: CheckpointArtifact, sealer: Sealer, inline: Optional[dict] = None) -> bytes:
+    """A manifest file, three lines:
+
+    1. the checkpoint as JSON (the artifact minus ``url`` and ``pinned``, which are not part of
+       it, plus the format stamp): all that listing a checkpoint parses;
+    2. the small payloads kept inline (base64 by field name);
+    3. the seal over the exact bytes of lines 1 and 2 (see ``signing``): checking it hashes a
+       few kilobytes and re-serializes nothing.
+    """
     body = artifact.to_dict()
     body.pop("url")
     body.pop("pinned")
     head = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, **body}, sort_keys=True)
-    return f"{head}\n{json.dumps(inline or {})}".encode()
+    sealed = f"{head}\n{json.dumps(inline or {})}".encode()
+    return sealed + b"\n" + json.dumps(sealer.seal(sealed)).encode()
 
 
-def read_manifest(data: bytes, url: str) -> CheckpointArtifact:
-    """Parse a manifest's first line; refuse anything that is not a manifest or is from a
-    newer format."""
+def read_manifest(data: bytes, url: str, sealer: Sealer, key: Optional[str]) -> CheckpointArtifact:
+    """Parse the manifest of checkpoint ``key``; refuse anything that is not a manifest, is from
+    a newer format, fails its seal, or claims to be another checkpoint than the one asked for
+    (``key=None``: any checkpoint, as gc reads every manifest for what it references)."""
+    sealed, _, seal = data.rpartition(b"\n")
     try:
-        body = _loads(data.partition(b"\n")[0])
+        body = _loads(sealed.partition(b"\n")[0])
+        seal = _loads(seal)
     except ValueError as exc:
-        raise CheckpointFormatError(f"The manifest at {url} is not valid JSON ({exc}).") from exc
+        raise CheckpointCorrupt(f"The manifest at {url} is not valid JSON ({exc}).") from exc
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise CheckpointFormatError(f"{url} is not a metaflow-implicit-checkpoint manifest.")
     version = body.pop("version", None)
@@ -188,17 +201,22 @@ def read_manifest(data: bytes, url: str) -> CheckpointArtifact:
             f"The checkpoint at {url} has format version {version!r}, newer than this "
             f"package reads ({FORMAT_VERSION}). Upgrade metaflow-implicit-checkpoint."
         )
+    sealer.verify(sealed, seal, url)
+    if key is not None and body.get("key") != key:
+        # A correctly sealed manifest copied to another place is still not that checkpoint.
+        raise CheckpointCorrupt(f"The manifest at {url} belongs to {body.get('key')!r}, not to {key}.")
+    _check_shape(body, url)
     del body["format"]
     body["url"] = url
     return CheckpointArtifact.from_dict(body)
 
 
 def read_inline(data: bytes, url: str) -> dict:
-    """The inline payloads of a manifest (its second line)."""
+    """The inline payloads of a manifest (its second line; the seal was checked with the first)."""
     try:
-        return _loads(data.partition(b"\n")[2] or b"{}")
-    except ValueError as exc:
-        raise CheckpointFormatError(f"The manifest at {url} is not valid JSON ({exc}).") from exc
+        return _loads(data.split(b"\n", 2)[1])
+    except (ValueError, IndexError) as exc:
+        raise CheckpointCorrupt(f"The manifest at {url} is not valid JSON ({exc}).") from exc
 
 
 def _loads(data: bytes) -> Any:
@@ -206,3 +224,27 @@ def _loads(data: bytes) -> Any:
         return orjson.loads(data)  # twice as fast as json: list() parses every manifest
     except orjson.JSONDecodeError:
         return json.loads(data)  # NaN and Infinity in user metadata, which orjson refuses
+
+
+_SHAPE = {"name": str, "pathspec": str, "attempt": int, "created_on": str, "metadata": dict,
+          "implicit_manifest": dict}
+
+
+def _check_shape(body: dict, url: str) -> None:
+    """A manifest anyone could have written (no secret set) fails here, not deep in a load."""
+    bad = [k for k, t in _SHAPE.items() if not isinstance(body.get(k), t)]
+    if not bad and not _fields_ok(body["implicit_manifest"].get("fields")):
+        bad = ["implicit_manifest.fields"]
+    if bad:
+        raise CheckpointCorrupt(f"The manifest at {url} is malformed: bad {', '.join(bad)}.")
+
+
+def _fields_ok(fields: Any) -> bool:
+    if not isinstance(fields, dict):
+        return False
+    try:
+        for entry in fields.values():
+            FieldEntry(**entry)
+    except TypeError:
+        return False
+    return True

@@ -5,7 +5,7 @@ arrays) stay views of the live memory, so it costs almost nothing. ``commit`` th
 step (synchronous saves) or in a forked child that sees a copy-on-write snapshot of that memory
 (asynchronous saves), in this order:
 
-1. hash each attribute's frames (xxh3-128, memory speed);
+1. hash each attribute's frames (xxh3-128 at memory speed; sha256 when manifests are signed);
 2. attributes up to ``INLINE_MAX`` bytes go inside the manifest; any other is written as one
    payload object unless the store already has its hash (unchanged attributes cost nothing);
 3. write the manifest: the commit point. Before it, the checkpoint does not exist.
@@ -22,7 +22,7 @@ from typing import Any, Optional
 from .exceptions import CheckpointSaveError
 from .manifest import FORMAT_VERSION, CheckpointArtifact, TaskLocation, manifest_bytes, new_checkpoint_id
 from .snapshot import Encoded, Serializer, encode, type_name
-from .store import HASH_NAME, INLINE_MAX, CheckpointStore, content_hash
+from .store import INLINE_MAX, CheckpointStore, content_hash
 
 MAX_NAME_LENGTH = 128
 
@@ -81,7 +81,7 @@ def capture(
     started = time.perf_counter()
     check_name(name, where)
     metadata = check_metadata(metadata, where)
-    fields = {attr: encode(serializer, attr, value, where) for attr, value in state.items()}
+    fields = {attr: encode(serializer, attr, state[attr], where) for attr in sorted(state)}
     checkpoint_id, created_on = new_checkpoint_id(attempt)
     return Capture(loc, attempt, checkpoint_id, created_on, name, metadata, latest, parent,
                    namespace, fields, started, resumed_from)
@@ -91,8 +91,8 @@ def commit(store: CheckpointStore, cap: Capture) -> CheckpointArtifact:
     """Write the payloads that are new, then the manifest; return the stored checkpoint."""
     fields, inline, objects = {}, {}, []
     for attr, enc in cap.fields.items():
-        digest = content_hash(enc.parts)
-        fields[attr] = {"type": enc.type, "size": enc.size, "hash": f"{HASH_NAME}:{digest}",
+        digest = content_hash(enc.parts, store.hash_name)
+        fields[attr] = {"type": enc.type, "size": enc.size, "hash": f"{store.hash_name}:{digest}",
                         "serializer": enc.serializer}
         if enc.size <= INLINE_MAX:
             inline[attr] = base64.b64encode(b"".join(enc.parts)).decode()
@@ -100,7 +100,7 @@ def commit(store: CheckpointStore, cap: Capture) -> CheckpointArtifact:
             objects.append((digest, enc.parts))
     written = sum(_put_all(store, cap.loc.flow, objects))
     artifact = cap.artifact(fields, written)
-    url = store.put_manifest(cap.loc, cap.checkpoint_id, manifest_bytes(artifact, inline))
+    url = store.put_manifest(cap.loc, cap.checkpoint_id, manifest_bytes(artifact, store.sealer, inline))
     return artifact.with_url(url)
 
 
