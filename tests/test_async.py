@@ -74,6 +74,8 @@ def test_background_failure_surfaces_at_wait_naming_the_checkpoint(faulty, monke
 def test_background_failure_surfaces_at_the_next_save(faulty, monkeypatch):
     """If nobody waits, the next save() raises the earlier background failure."""
     flow, api = make_api(faulty)
+    flow.n = 1
+    api.save()  # the first save checks that the root is writable: let it pass
     monkeypatch.setattr(FaultyFileSystem, "fail_paths", ("/objects/",))
     flow.w = np.ones(2 * MB)
     bad = api.save()
@@ -167,8 +169,6 @@ import faults
 import numpy as np
 from metaflow import FlowSpec, checkpoint, current, step
 
-faults.FaultyFileSystem.fail_paths = {fail!r}
-
 class AsyncFlow(FlowSpec):
     @step
     def start(self):
@@ -177,6 +177,8 @@ class AsyncFlow(FlowSpec):
     @checkpoint(root={root!r})
     @step
     def work(self):
+        current.checkpoint.save()  # the first save checks the root is writable
+        faults.FaultyFileSystem.fail_paths = {fail!r}  # then writes fail, if the test says so
         self.w = np.zeros(2_000_000)
         pending = current.checkpoint.save()
         self.w[:] = 1.0  # changed in place while the save is being written
@@ -203,8 +205,8 @@ def test_step_end_waits_for_background_saves(run_flow, write_flow, tmp_path):
     run = Run(f"AsyncFlow/{run_flow(path, 'run').run_id}")
     task = run["work"].task
     assert task["returned_before_hashing"].data is True and task["w"].data.sum() == 2_000_000
-    (stored,) = Checkpoint().list(task=task)
-    assert stored.key == task["key"].data
+    stored, first = Checkpoint().list(task=task)
+    assert stored.key == task["key"].data and first.parent is None and stored.parent == first.key
     assert Checkpoint().load(stored)["w"].sum() == 0.0
 
 
