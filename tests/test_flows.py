@@ -191,3 +191,32 @@ def test_inspect_survives_deleted_payloads(run_flow, tmp_path):
     assert Checkpoint().inspect(newest.key)["fields"]["n"]["type"] == "int"
     with pytest.raises(CheckpointCorrupt, match=f"Field 'big' of checkpoint {newest.key} is missing"):
         Checkpoint().load(newest.key)
+
+
+WITH_FLOW = """
+from metaflow import FlowSpec, current, step
+
+class WithFlow(FlowSpec):
+    @step
+    def start(self):
+        self.n = 5
+        self.saved = "checkpoint" in current and current.checkpoint.save().key
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+if __name__ == "__main__":
+    WithFlow()
+"""
+
+
+def test_checkpoint_attached_from_the_command_line(run_flow, write_flow):
+    """`run --with checkpoint:card=False,async_saves=False` attaches the decorator to every step,
+    its options given as strings."""
+    path = write_flow(WITH_FLOW, "with_flow.py")
+    result = run_flow(path, "run", "--with", "checkpoint:card=False,async_saves=False")
+    task = Run(f"WithFlow/{result.run_id}")["start"].task
+    (saved,) = Checkpoint().list(task=task)
+    assert saved.key == task["saved"].data and Checkpoint().load(saved) == {"n": 5}

@@ -94,10 +94,9 @@ class CheckpointDecorator(StepDecorator):
             raise self._error(f"root={root!r} must be a path or an fsspec URL such as 's3://bucket/ckpt'.")
         self._include, self._exclude = include, exclude
         self._datastore_root = flow_datastore.datastore_root
-        if not isinstance(self.attributes["card"], bool):
-            raise self._error(f"card={self.attributes['card']!r} must be True or False.")
+        self._async_saves = self._flag("async_saves")
         self._card = None
-        if self.attributes["card"]:
+        if self._flag("card"):
             self._card = attach_card(decorators, self._root_url(), self.attributes["load_policy"])
         try:
             self._keep = parse_keep(self.attributes["keep"])
@@ -132,7 +131,7 @@ class CheckpointDecorator(StepDecorator):
             on_first_use=lambda: record({ROOT_FIELD: url, POSITION_FIELD: location.position}),
             on_loaded=lambda artifact: self._loaded(artifact, record),
             on_saved=self._card.checkpoint_saved if self._card else lambda artifact: None,
-            async_saves=str(self.attributes["async_saves"]).lower() not in ("false", "0"),
+            async_saves=self._async_saves,
             keep=self._keep,
         )
         self._api = CurrentCheckpoint(Checkpointer(open_store(url)), ctx)
@@ -158,6 +157,15 @@ class CheckpointDecorator(StepDecorator):
 
     def _root_url(self) -> str:
         return storage_root(self.attributes["root"], self._datastore_root)
+
+    def _flag(self, key) -> bool:
+        """A True/False option; `--with checkpoint:card=False` passes it as a string."""
+        value = self.attributes[key]
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise self._error(f"{key}={value!r} must be True or False.")
+        return value
 
     def _names(self, key):
         value = self.attributes[key]
