@@ -136,12 +136,12 @@ class Checkpointer:
     def _read_many(self, loc: TaskLocation, ids: Iterable[str]) -> list[CheckpointArtifact]:
         ids = list(ids)
         missing = [i for i in ids if loc.key(i) not in self._parsed]
-        folder = self.store.task_url(loc)
+        folder, sealer = self.store.task_url(loc), self.store.sealer.fixed()
         for checkpoint_id, data in self.store.get_manifests(loc, missing):
             if data is None:
                 continue  # deleted between listing and reading
             try:
-                self.remember(read_manifest(data, f"{folder}/{checkpoint_id}.json", self.store.sealer, loc.key(checkpoint_id)))
+                self.remember(read_manifest(data, f"{folder}/{checkpoint_id}.json", sealer, loc.key(checkpoint_id)))
             except CheckpointError as exc:
                 warnings.warn(f"Skipping unreadable checkpoint {loc.key(checkpoint_id)}: {exc}")
         return [self._parsed[k] for k in map(loc.key, ids) if k in self._parsed]

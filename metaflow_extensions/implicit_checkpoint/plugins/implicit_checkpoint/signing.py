@@ -32,11 +32,16 @@ class Sealer:
     """Adds and checks manifest seals. ``secret`` overrides the environment variable ``env``."""
 
     secret: Optional[str] = None
-    env: str = SECRET_ENV
+    env: Optional[str] = SECRET_ENV
 
     def key(self) -> Optional[bytes]:
-        secret = self.secret or os.environ.get(self.env)
+        secret = self.secret or (os.environ.get(self.env) if self.env else None)
         return secret.encode() if secret else None
+
+    def fixed(self) -> "Sealer":
+        """This sealer with the environment read once (for checking many manifests in a row)."""
+        key = self.key()
+        return Sealer(secret=key.decode() if key else None, env=None)
 
     def seal(self, data: bytes) -> dict:
         """The seal of ``data``."""

@@ -357,7 +357,10 @@ def _read_small_file(path: str) -> Optional[bytes]:
     except FileNotFoundError:
         return None
     try:
-        chunks = []
+        data = os.read(fd, 1 << 16)
+        if len(data) < 1 << 16:
+            return data  # a manifest, nearly always: one read
+        chunks = [data]
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
         return b"".join(chunks)

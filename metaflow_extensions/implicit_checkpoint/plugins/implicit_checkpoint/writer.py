@@ -89,10 +89,10 @@ def capture(
 
 def commit(store: CheckpointStore, cap: Capture) -> CheckpointArtifact:
     """Write the payloads that are new, then the manifest; return the stored checkpoint."""
-    fields, inline, objects = {}, {}, []
+    fields, inline, objects, algorithm = {}, {}, [], store.hash_name
     for attr, enc in cap.fields.items():
-        digest = content_hash(enc.parts, store.hash_name)
-        fields[attr] = {"type": enc.type, "size": enc.size, "hash": f"{store.hash_name}:{digest}",
+        digest = content_hash(enc.parts, algorithm)
+        fields[attr] = {"type": enc.type, "size": enc.size, "hash": f"{algorithm}:{digest}",
                         "serializer": enc.serializer}
         if enc.size <= INLINE_MAX:
             inline[attr] = base64.b64encode(b"".join(enc.parts)).decode()
