@@ -8,13 +8,15 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from metaflow import Checkpoint, Run
 
-from conftest import FLOWS
+from conftest import FLOWS, S3_BUCKET
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.storage_options import storage_options
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import EMPTY_DIGEST, INLINE_MAX, CheckpointStore
 
 FLOW = FLOWS / "retention.py"
@@ -27,11 +29,15 @@ class Backend:
     env: dict  # environment for the flows and the commands
 
 
-@pytest.fixture(scope="module", params=["local"])
+@pytest.fixture(scope="module", params=["local", "s3"])
 def backend(request, metaflow_home):
-    """The checkpoint storage the runs and commands use. Another backend (S3 on a moto server)
-    is added by naming it in params and returning its root URL and environment here."""
-    root = str(metaflow_home / "checkpoints")
+    """The checkpoint storage the runs and commands use: a local folder, or S3 on the moto
+    server (reached through Metaflow's S3 settings, which conftest sets for every process)."""
+    if request.param == "s3":
+        request.getfixturevalue("s3_server")
+        root = f"s3://{S3_BUCKET}/cli-{uuid.uuid4().hex}"
+    else:
+        root = str(metaflow_home / "checkpoints")
     return Backend(root, {"METAFLOW_IMPLICIT_CHECKPOINT_ROOT": root})
 
 
@@ -133,7 +139,7 @@ def test_errors_are_one_plain_sentence_and_an_exit_code(runs, run_flow, backend)
 
 
 def payloads(backend) -> set[str]:
-    store = CheckpointStore(backend.root)
+    store = CheckpointStore(backend.root, storage_options(backend.root))
     return {p.rsplit("/", 1)[1] for p in store.fs.find(store.flow_path("RetentionFlow")) if "/objects/" in p and EMPTY_DIGEST not in p}
 
 
