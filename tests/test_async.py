@@ -80,6 +80,9 @@ def test_background_failure_surfaces_at_the_next_save(faulty, monkeypatch):
     flow.w = np.ones(2 * MB)
     bad = api.save()
     monkeypatch.setattr(FaultyFileSystem, "fail_paths", ())
+    # New values: had the next save rewritten the same payload, a writer scheduled late would
+    # have found it stored and (rightly) succeeded.
+    flow.w = np.zeros(2 * MB)
     with pytest.raises(CheckpointSaveError, match=bad.key):
         api.save(wait=True)
 
