@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 from . import marks
-from .api import Reference, key_in_store, key_of
+from .references import Reference, key_in_store, key_of
 from .checkpointer import Checkpointer
 from .display import CheckpointList
 from .exceptions import CheckpointNotFound
