@@ -1,5 +1,7 @@
 """Save/load benchmarks: one command, one table. `python benchmarks/run_all.py`
 
+Figure 7 (what @checkpoint adds to a task's duration) is `benchmarks/task_overhead.py`.
+
 Each figure is measured twice: against the core (current.checkpoint over a plain object, no
 Metaflow) and inside real Metaflow steps (fresh task processes); ratios are to numpy.save /
 numpy.load of the same array to the same disk, measured in the same run.
@@ -9,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,6 @@ ROWS = [  # (figure, key, target, format)
     ("5. list() of 1000 checkpoints, fresh process: ms", "cold_list_ms", "<= 50", "{:.1f}"),
     ("5. inspect() of one: ms", "inspect_ms", "<= 5", "{:.2f}"),
     ("6. load / numpy.load (200 MB)", "load_vs_numpy_load", "<= 1.2", "{:.2f}"),
-    ("7. task duration, saves once, minus undecorated: s", "task_end_overhead_s", "", "{:+.3f}"),
 ]
 
 
@@ -71,15 +71,7 @@ def step_figures(work: Path) -> dict:
     os.chdir(home)
     LocalStorage.datastore_root = None
     namespace(None)
-    figures = dict(Flow("BenchFlow").latest_run["end"].task["figures"].data)
-    durations = {}
-    for label, extra in (("plain", ()), ("decorated", ("--with", "checkpoint"))):
-        for _ in range(5):
-            _run("overhead_flow.py", "run", *extra, cwd=home)
-            task = Flow("OverheadFlow").latest_run["start"].task
-            durations.setdefault(label, []).append((task.finished_at - task.created_at).total_seconds())
-    figures["task_end_overhead_s"] = statistics.median(durations["decorated"]) - statistics.median(durations["plain"])
-    return figures
+    return dict(Flow("BenchFlow").latest_run["end"].task["figures"].data)
 
 
 def main() -> None:
@@ -91,7 +83,7 @@ def main() -> None:
     finally:
         os.chdir(HERE)
         shutil.rmtree(work, ignore_errors=True)
-    print(f"| figure | target | core | in a Metaflow step |\n|---|---|---|---|")
+    print("| figure | target | core | in a Metaflow step |\n|---|---|---|---|")
     for label, key, target, fmt in ROWS:
         cells = [fmt.format(f[key]) if key in f else "n/a" for f in (core, in_step)]
         print(f"| {label} | {target} | {cells[0]} | {cells[1]} |")
