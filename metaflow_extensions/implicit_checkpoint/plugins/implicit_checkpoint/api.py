@@ -174,8 +174,7 @@ class CurrentCheckpoint:
                 return None
             artifact, values = found
         else:
-            artifact = self._checkpointer.read(self._own_flow_key(reference))
-            values = self._checkpointer.restore(artifact)
+            artifact, values = self._checkpointer.load(self._own_flow_key(reference))
         for name, value in values.items():
             setattr(self._ctx.flow, name, value)
         self._loaded = artifact

@@ -60,7 +60,11 @@ class Checkpointer:
     def restore(self, artifact: CheckpointArtifact, fields: Optional[Iterable[str]] = None) -> dict[str, Any]:
         """Fetch, verify and deserialize the payloads of a checkpoint (as its stored manifest
         describes them, whatever the artifact passed in says)."""
-        artifact, inline = self._read_stored(artifact.key)
+        return self.load(artifact.key, fields)[1]
+
+    def load(self, key: str, fields: Optional[Iterable[str]] = None) -> tuple[CheckpointArtifact, dict[str, Any]]:
+        """The checkpoint with this key and its restored values: one manifest read."""
+        artifact, inline = self._read_stored(key)
         entries = artifact.fields
         wanted = list(entries) if fields is None else list(fields)
         unknown = [n for n in wanted if n not in entries]
@@ -69,7 +73,7 @@ class Checkpointer:
                 f"Checkpoint {artifact.key} has no field {', '.join(map(repr, unknown))}; "
                 f"it holds {sorted(entries)}."
             )
-        return {n: self._restore_field(artifact, n, entries[n], inline.get(n)) for n in wanted}
+        return artifact, {n: self._restore_field(artifact, n, entries[n], inline.get(n)) for n in wanted}
 
     def _restore_field(self, artifact: CheckpointArtifact, name: str, entry: FieldEntry, inline) -> Any:
         algorithm, _, digest = entry.hash.partition(":")

@@ -65,7 +65,7 @@ class Checkpoint:
         """The fields of a checkpoint as a dict; with ``into=``, also set them on that object.
         ``fields=["model"]`` fetches only the named fields' payloads."""
         checkpointer = self.checkpointer_for(reference)
-        values = checkpointer.restore(checkpointer.read(key_in_store(reference, checkpointer.store)), fields)
+        values = checkpointer.load(key_in_store(reference, checkpointer.store), fields)[1]
         if into is not None:
             for name, value in values.items():
                 setattr(into, name, value)
