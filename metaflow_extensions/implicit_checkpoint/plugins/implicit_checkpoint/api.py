@@ -144,9 +144,7 @@ class CurrentCheckpoint:
             if result.get("ok"):
                 artifact = CheckpointArtifact.from_dict(result["artifact"])
                 self._checkpointer.remember(artifact)
-                self._checkpointer.store.remember(
-                    f["hash"].partition(":")[2] for f in artifact.implicit_manifest["fields"].values()
-                )
+                self._checkpointer.store.remember(result.get("known", {}))
                 self._ctx.on_saved(artifact)
                 done.append(artifact)
         if done:
@@ -239,7 +237,19 @@ class CurrentCheckpoint:
     def _first_use(self) -> None:
         if not self._used:
             self._used = True
+            self._see_earlier_checkpoints()
             self._ctx.on_first_use()
+
+    def _see_earlier_checkpoints(self) -> None:
+        """Move the logical clock (ids.py) past every checkpoint this attempt could resume from
+        (listing them does it), so what it saves is newer than those whatever the clocks say."""
+        store, loc = self._checkpointer.store, self._ctx.location
+        try:
+            store.list_task(loc)
+            if self._ctx.load_policy == "eager":
+                store.list_position(loc.flow, loc.step, loc.position)
+        except CheckpointError:
+            pass  # unreachable storage: the save that follows says so, naming the root
 
     @property
     def pending(self) -> int:
@@ -285,4 +295,6 @@ def _commit(store: CheckpointStore, cap: Capture, pin: bool) -> CheckpointArtifa
 
 
 def _commit_in_child(store: CheckpointStore, cap: Capture, pin: bool) -> dict:
-    return {"artifact": _commit(store.reopened(), cap, pin).to_dict()}
+    child_store = store.reopened()
+    artifact = _commit(child_store, cap, pin)
+    return {"artifact": artifact.to_dict(), "known": child_store.known()}

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from .exceptions import CheckpointCorrupt, CheckpointError, CheckpointNotFound
 from .manifest import CheckpointArtifact, FieldEntry, TaskLocation, parse_key, read_inline, read_manifest
+from .ids import attempt_of, observe
 from .marks import PINS, RETIRED, is_marked, live_ids, marker_ids
 from .snapshot import SERIALIZERS, read_frame_header
 from .store import HASHES, CheckpointStore
@@ -53,6 +54,7 @@ class Checkpointer:
 
     def _read_stored(self, key: str) -> tuple[CheckpointArtifact, dict]:
         loc, checkpoint_id = parse_key(key)
+        observe([checkpoint_id])  # what this process saves next is newer (ids.py)
         data = self.store.get_manifest(loc, checkpoint_id)
         url = self.store.manifest_url(loc, checkpoint_id)
         return read_manifest(data, url, self.store.sealer, key), read_inline(data, url)
@@ -105,13 +107,14 @@ class Checkpointer:
         return serializer.loads(frames[1], frames[2])
 
     def list(self, loc: TaskLocation, name: Optional[str] = None, attempt: Optional[int] = None) -> list[CheckpointArtifact]:
-        """A task's checkpoints over all its attempts, newest first by creation time (deleted
-        ones hidden, ``pinned`` filled in)."""
-        ids = live_ids(self.store, loc)
+        """A task's checkpoints over all its attempts, newest first (``ids.py``: by attempt, then
+        the order the attempt saved them, whatever the clocks said; deleted ones hidden,
+        ``pinned`` filled in)."""
+        found_ids = live_ids(self.store, loc)  # oldest first
         if attempt is not None:
-            ids = [i for i in ids if _attempt_of(i) == attempt]
-        found = [a for a in self._read_many(loc, reversed(ids)) if name is None or a.name == name]
-        return _with_pins(sorted(found, key=lambda a: a.created_on, reverse=True), loc, self.store)
+            found_ids = [i for i in found_ids if attempt_of(i) == attempt]
+        found = [a for a in self._read_many(loc, reversed(found_ids)) if name is None or a.name == name]
+        return _with_pins(found, loc, self.store)
 
     def find_resumable(
         self, loc: TaskLocation, attempt: int, *, other_runs: bool, namespace: Optional[str]
@@ -125,7 +128,7 @@ class Checkpointer:
         self, loc: TaskLocation, attempt: int, *, other_runs: bool, namespace: Optional[str]
     ) -> Iterator[CheckpointArtifact]:
         """Every checkpoint ``find_resumable`` could pick, best first (to fall back on)."""
-        own = [i for i in reversed(live_ids(self.store, loc)) if _attempt_of(i) < attempt]
+        own = [i for i in reversed(live_ids(self.store, loc)) if attempt_of(i) < attempt]
         for start in range(0, len(own), 16):  # newest first, a few manifests at a time
             yield from (a for a in self._read_many(loc, own[start:start + 16]) if a.latest)
         if not other_runs:
@@ -206,10 +209,6 @@ def _with_pins(found: list[CheckpointArtifact], loc: TaskLocation, store) -> lis
     pins = marker_ids(store, loc, PINS) if found else set()
     pinned = [a.key.rsplit("/", 1)[1] in pins for a in found]
     return [a if a.pinned == p else replace(a, pinned=p) for a, p in zip(found, pinned)]
-
-
-def _attempt_of(checkpoint_id: str) -> int:
-    return int(checkpoint_id.split("-")[1][1:])
 
 
 def _new_buffer(size: int):
