@@ -1,0 +1,108 @@
+"""gc and saves cannot race: a payload a save reuses is never deleted under it (gc.py).
+
+The race is made deterministic, not hoped for: gc's progress callback runs a save at the worst
+moment, after gc listed the storage and judged a payload old and unreferenced, just before it
+deletes. The payload is made old (two hours) the way time would: on a local disk by setting its
+mtime, on moto's S3 server (running in this process) by setting the object's LastModified.
+"""
+from __future__ import annotations
+
+import os
+import types
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint import gc, marks
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.api import standalone
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.checkpointer import Checkpointer
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.manifest import TaskLocation
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.storage_options import storage_options
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import EMPTY_DIGEST, CheckpointStore
+
+from conftest import S3_BUCKET
+
+LOC = TaskLocation("F", "1", "train", "1")
+TWO_HOURS = timedelta(hours=2)
+
+
+def fresh_store(root: str) -> CheckpointStore:
+    """A store as another process would open it: knowing nothing."""
+    return CheckpointStore(root, storage_options(root))
+
+
+def payload_paths(store: CheckpointStore) -> list[str]:
+    return [p for p in store.fs.find(store.flow_path("F")) if "/objects/" in p and EMPTY_DIGEST not in p]
+
+
+def age(store: CheckpointStore, path: str) -> None:
+    """Make a stored object two hours old."""
+    if store.is_local:
+        old = (datetime.now(timezone.utc) - TWO_HOURS).timestamp()
+        os.utime(path, (old, old))
+        return
+    from moto.s3.models import s3_backends
+
+    bucket, _, key = path.partition("/")
+    for account in s3_backends.values():
+        found = account["global"].buckets.get(bucket)
+        if found is not None and key in found.keys:
+            found.keys[key].last_modified = found.keys[key].last_modified - TWO_HOURS
+            return
+    raise AssertionError(f"{path} is not in moto's S3 server")
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "s3":
+        request.getfixturevalue("s3_server")
+        return f"s3://{S3_BUCKET}/race-{os.urandom(6).hex()}"
+    return str(tmp_path / "ckpt")
+
+
+def test_a_save_reusing_an_old_payload_while_gc_runs_never_loses_its_checkpoint(root):
+    """An old, unreferenced payload that a save reuses between gc's listing and its deletes
+    (default grace) is not deleted: the new checkpoint restores exactly, and the next gc with
+    the default grace still keeps it."""
+    weights = np.arange(100_000.0)  # one payload, well above the inline size
+    flow = types.SimpleNamespace(w=weights)
+    first = standalone(flow, root, LOC, async_saves=False)
+    retired = first.save()
+    store = first._checkpointer.store
+    marks.retire(store, retired.key)  # nothing references the payload any more...
+    marks.purge(store, LOC, [retired.key.rsplit("/", 1)[1]])
+    (payload,) = payload_paths(store)
+    age(store, payload)  # ...and it is two hours old: gc will judge it garbage
+
+    saved = []
+
+    def save_at_the_worst_moment(message: str) -> None:
+        if message.strip().startswith("deleting") and not saved:
+            other = standalone(types.SimpleNamespace(w=weights), root, TaskLocation("F", "2", "train", "1"),
+                               async_saves=False)
+            other._checkpointer.store.__dict__.update(fresh_store(root).__dict__)  # knows nothing
+            saved.append(other.save())  # reuses the payload gc is about to delete
+
+    gc.collect(fresh_store(root), "F", progress=save_at_the_worst_moment)
+    assert saved, "gc never reached its deletes"
+    reader = Checkpointer(fresh_store(root))
+    assert np.array_equal(reader.restore(reader.read(saved[0].key))["w"], weights)
+    gc.collect(fresh_store(root), "F")
+    assert np.array_equal(Checkpointer(fresh_store(root)).restore(reader.read(saved[0].key))["w"], weights)
+
+
+def test_payloads_known_to_exist_are_not_trusted_once_too_old_to_reuse(root):
+    """What a task knows to exist expires with the reuse window: a payload that aged past it
+    (by the storage's clock) is checked again and written again, not referenced blindly."""
+    weights = np.arange(100_000.0)
+    api = standalone(types.SimpleNamespace(w=weights), root, LOC, async_saves=False)
+    api.save()
+    store = api._checkpointer.store
+    (payload,) = payload_paths(store)
+    digest = payload.rsplit("/", 1)[1]
+    store._known[digest] -= TWO_HOURS.total_seconds()  # what this task learnt two hours ago
+    age(store, payload)
+    assert api.save().written > 0 or store.is_local  # object stores: written again
+    if store.is_local:
+        assert store.now("F") - os.stat(payload).st_mtime < 60  # local: freshened in place
