@@ -57,6 +57,7 @@ class CurrentCheckpoint:
         self._loaded: Optional[CheckpointArtifact] = None
         self._parent: Optional[str] = None  # last checkpoint loaded or saved in this attempt
         self._used = False
+        self._seen_earlier = False
         self._retainer = retention.Retainer(checkpointer, ctx.location, ctx.keep) if ctx.keep else None
 
     # ----- what load_policy found ----------------------------------------------------
@@ -94,7 +95,7 @@ class CurrentCheckpoint:
         ``load()``. ``pin=True`` exempts it from ``@checkpoint(keep=...)`` retention.
         """
         self._first_use()
-        self._checkpointer.store.check_writable(self._ctx.location.flow)  # here, not in a child
+        self._ready_to_save()  # here, not in a child
         self._settle(self._background.poll() if self._background else [])
         cap = capture(
             DEFAULT_SERIALIZER,
@@ -237,19 +238,19 @@ class CurrentCheckpoint:
     def _first_use(self) -> None:
         if not self._used:
             self._used = True
-            self._see_earlier_checkpoints()
             self._ctx.on_first_use()
 
-    def _see_earlier_checkpoints(self) -> None:
-        """Move the logical clock (ids.py) past every checkpoint this attempt could resume from
-        (listing them does it), so what it saves is newer than those whatever the clocks say."""
+    def _ready_to_save(self) -> None:
+        """Before this attempt's first save: check that the root can be written (naming it if
+        not), then move the logical clock (ids.py) past every checkpoint this attempt could
+        resume from (listing them does it), so what it saves is newer whatever the clocks say."""
         store, loc = self._checkpointer.store, self._ctx.location
-        try:
+        store.check_writable(loc.flow)
+        if not self._seen_earlier:
             store.list_task(loc)
             if self._ctx.load_policy == "eager":
                 store.list_position(loc.flow, loc.step, loc.position)
-        except CheckpointError:
-            pass  # unreachable storage: the save that follows says so, naming the root
+            self._seen_earlier = True
 
     @property
     def pending(self) -> int:
