@@ -57,6 +57,11 @@ class TaskLocation:
         return ".".join(str(frame[0]) for frame in foreach_stack)
 
 
+def is_key_part(text: str) -> bool:
+    """Whether ``text`` can be one part of a key (a flow, run, step, task or position name)."""
+    return isinstance(text, str) and bool(_PART_RE.fullmatch(text))
+
+
 def parse_key(key: str) -> tuple[TaskLocation, str]:
     """Split a checkpoint key into its task location and checkpoint id."""
     parts = key.split("/") if isinstance(key, str) else []
