@@ -47,6 +47,10 @@ class Checkpointer:
             self._parsed.clear()
         self._parsed[artifact.key] = artifact
 
+    def known(self, key: str) -> Optional[CheckpointArtifact]:
+        """The checkpoint if this process already parsed (or saved) it: manifests never change."""
+        return self._parsed.get(key)
+
     # ----- reading -----------------------------------------------------------------------
     def read(self, key: str) -> CheckpointArtifact:
         """The checkpoint with this key, from its manifest alone (payloads are not read)."""

@@ -59,6 +59,24 @@ def observe(ids) -> None:
             _tick[0] = seen
 
 
+def in_task_order(names) -> list[str]:
+    """The checkpoint ids among ``names``, oldest first (``task_order``), and this process's
+    clock moved past them: one pass, one match per name (a task may hold 10,000)."""
+    keyed, top = [], 0
+    for name in names:
+        new = ID_RE.fullmatch(name)
+        if new:
+            tick = int(new.group(2))
+            top = max(top, tick)
+            keyed.append(((int(new.group(1)), 1, tick, name), name))
+        elif OLD_ID_RE.fullmatch(name):
+            keyed.append((task_order(name), name))
+    keyed.sort()
+    with _lock:
+        _tick[0] = max(_tick[0], top)
+    return [name for _, name in keyed]
+
+
 def attempt_of(checkpoint_id: str) -> int:
     new = ID_RE.fullmatch(checkpoint_id)
     if new:

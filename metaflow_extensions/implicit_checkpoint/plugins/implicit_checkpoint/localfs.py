@@ -8,6 +8,7 @@ else is refused at once as damage, naming the path.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from typing import BinaryIO, Optional
@@ -22,14 +23,18 @@ _KINDS = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_IS
 def open_regular(path: str, root: str) -> int:
     """A file descriptor of the regular file at ``path``; raises ``FileNotFoundError`` if there
     is none and ``CheckpointCorrupt`` (without blocking) for anything that is not one."""
-    if stat.S_ISLNK(os.lstat(path).st_mode):
+    try:
+        fd = os.open(path, _FLAGS | os.O_NOFOLLOW)  # the common case: one call, no link
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
         real, inside = os.path.realpath(path), os.path.realpath(root)
         if os.path.commonpath([real, inside]) != inside:
             raise CheckpointCorrupt(
                 f"{path} is a symbolic link to {real}, outside the checkpoint root {root}: refused. "
                 "Remove it; checkpoint storage holds only its own files."
-            )
-    fd = os.open(path, _FLAGS)
+            ) from None
+        fd = os.open(path, _FLAGS)
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)

@@ -297,9 +297,7 @@ class CheckpointStore:
         """Checkpoint ids of one task (all attempts), oldest first (``ids.task_order``: by attempt,
         then by the logical clock; never by a wall clock). Seeing them advances this process's
         logical clock past them."""
-        found = sorted(self._ids(self._ls(self._task_dir(loc))), key=ids.task_order)
-        ids.observe(found)
-        return found
+        return ids.in_task_order(self._names(self._ls(self._task_dir(loc))))
 
     def list_position(self, flow: str, step: str, position: str) -> list[tuple[TaskLocation, str]]:
         """(location, checkpoint id) of every checkpoint of a foreach position, all runs."""
@@ -363,11 +361,11 @@ class CheckpointStore:
         except FileNotFoundError:
             return []
 
-    @staticmethod
-    def _ids(paths: Iterable[str]) -> Iterable[str]:
+    def _names(self, paths: Iterable[str]) -> Iterable[str]:
+        """What may be checkpoint ids: names of ``.json`` entries, without the suffix."""
         for path in paths:
-            name = posixpath.basename(path.rstrip("/"))
-            if name.endswith(".json") and ids.is_id(name[:-5]):
+            name = path if self.is_local else posixpath.basename(path.rstrip("/"))
+            if name.endswith(".json"):
                 yield name[:-5]
 
     def _write_whole(self, path: str, parts: Sequence) -> None:
