@@ -14,7 +14,7 @@ from .manifest import CheckpointArtifact, TaskLocation, parse_key
 from .marks import PINS, put_marker
 from .recovery import restore_newest_intact
 from .references import Reference, key_in_store, warnings_to_log
-from .snapshot import DEFAULT_SERIALIZER, select_state
+from .snapshot import select_state
 from .store import CheckpointStore, open_store
 from .writer import Capture, capture, commit
 
@@ -97,7 +97,6 @@ class CurrentCheckpoint:
         self._checkpointer.store.check_writable(self._ctx.location.flow)  # here, not in a child
         self._settle(self._background.poll() if self._background else [])
         cap = capture(
-            DEFAULT_SERIALIZER,
             self._ctx.location,
             self._ctx.attempt,
             select_state(
@@ -128,9 +127,7 @@ class CurrentCheckpoint:
         done = self._background.submit(cap.key, lambda: _commit_in_child(store, cap, pin))
         self._parent = cap.key
         self._settle(done)
-        pending = cap.artifact({n: {"type": e.type, "size": e.size, "serializer": e.serializer}
-                                for n, e in cap.fields.items()},
-                               url=store.manifest_url(cap.loc, cap.checkpoint_id))
+        pending = cap.artifact(url=store.manifest_url(cap.loc, cap.checkpoint_id))
         return replace(pending, pinned=pin)
 
     def wait(self) -> list[CheckpointArtifact]:
@@ -144,9 +141,7 @@ class CurrentCheckpoint:
             if result.get("ok"):
                 artifact = CheckpointArtifact.from_dict(result["artifact"])
                 self._checkpointer.remember(artifact)
-                self._checkpointer.store.remember(
-                    f["hash"].partition(":")[2] for f in artifact.implicit_manifest["fields"].values()
-                )
+                self._checkpointer.store.remember(artifact.payload_digests())
                 self._ctx.on_saved(artifact)
                 done.append(artifact)
         if done:

@@ -12,7 +12,7 @@ import warnings
 from typing import Any, Iterable, Optional
 
 from .checkpointer import Checkpointer
-from .exceptions import CheckpointCorrupt
+from .exceptions import CheckpointCorrupt, CheckpointFormatError
 from .manifest import CheckpointArtifact
 
 
@@ -24,7 +24,7 @@ def restore_newest_intact(
     for artifact in candidates:
         try:
             return artifact, checkpointer.restore(artifact)
-        except CheckpointCorrupt as exc:
+        except (CheckpointCorrupt, CheckpointFormatError) as exc:  # damaged, or an older format
             damaged += 1
             warnings.warn(f"Not resuming from damaged checkpoint {artifact.key}: {exc} Trying an older one.")
     if damaged:
