@@ -281,3 +281,30 @@ def test_nan_metadata_round_trips(cp):
     (listed,) = cp.list(LOC)
     assert np.isnan(listed.metadata["loss"]) and listed.metadata["best"] == float("inf")
     assert listed.key == artifact.key
+
+
+def test_a_format_1_checkpoint_is_listed_but_refused_at_load(cp):
+    """A manifest of 0.1 (one pickle per attribute) still lists and inspects; load() refuses it
+    naming the format, and the resume lookup skips it for an intact format-2 checkpoint."""
+    import base64
+    import pickle
+
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.recovery import restore_newest_intact
+
+    current = cp.save(LOC, 0, {"n": 2})
+    old_id = "20990101T000000000000Z-a0-0000000a"
+    key = LOC.key(old_id)
+    body = {"format": "metaflow-implicit-checkpoint", "version": 1, "key": key, "name": "mfchckpt",
+            "pathspec": LOC.pathspec, "attempt": 0, "created_on": "2099-01-01T00:00:00.000000Z",
+            "metadata": {}, "latest": True, "implicit_manifest": {"version": 1, "fields": {"n": {
+                "type": "int", "size": 9, "hash": "xxh128:" + "0" * 32, "serializer": "cloudpickle5"}}}}
+    sealed = json.dumps(body).encode() + b"\n" + json.dumps({"n": base64.b64encode(pickle.dumps(1)).decode()}).encode()
+    cp.store.put_manifest(LOC, old_id, sealed + b"\n" + json.dumps(cp.store.sealer.seal(sealed)).encode())
+    listed = cp.list(LOC)
+    assert [a.key for a in listed] == [key, current.key] and listed[0].fields["n"].type == "int"
+    assert listed[0].payload_digests() == {"0" * 32}
+    with pytest.raises(CheckpointFormatError, match=r"written in format 1 .* loads format 2 only"):
+        cp.load(key)
+    with pytest.warns(UserWarning, match=f"Not resuming from checkpoint {key}: .*format 1"):
+        found, values = restore_newest_intact(cp, listed)
+    assert found.key == current.key and values == {"n": 2}

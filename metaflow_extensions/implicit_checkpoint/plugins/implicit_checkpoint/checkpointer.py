@@ -16,8 +16,9 @@ from typing import Any, Iterable, Iterator, Optional
 from . import graph
 from .exceptions import CheckpointCorrupt, CheckpointError, CheckpointFormatError, CheckpointNotFound
 from .manifest import FORMAT_VERSION, CheckpointArtifact, TaskLocation, parse_key, read_inline, read_manifest
-from .marks import PINS, RETIRED, is_marked, live_ids, marker_ids
+from .marks import PINS, RETIRED, is_marked, live_ids, marker_ids, put_marker
 from .store import HASHES, CheckpointStore
+from .writer import Capture, capture, commit
 
 
 class Checkpointer:
@@ -29,14 +30,22 @@ class Checkpointer:
         # a listing still decides which checkpoints exist.
         self._parsed: dict[str, CheckpointArtifact] = {}
 
-    def save(self, loc: TaskLocation, attempt: int, state: dict[str, Any], **options: Any) -> CheckpointArtifact:
+    def save(self, loc: TaskLocation, attempt: int, state: dict[str, Any], pin: bool = False,
+             **options: Any) -> CheckpointArtifact:
         """Save a dict of values as a checkpoint of ``loc``, synchronously (``writer.capture``
-        takes the options: name, metadata, latest, parent, namespace, ...)."""
-        from .writer import capture, commit
-
+        takes the options: name, metadata, latest, parent, namespace, ...). The step saves
+        through the same two calls: ``capture`` in the step, ``commit`` there or in a child."""
         cap = capture(loc, attempt, state, **options)  # validates first
         self.store.check_writable(loc.flow)
+        return self.commit(cap, pin)
+
+    def commit(self, cap: Capture, pin: bool = False) -> CheckpointArtifact:
+        """Write a captured save (the commit point), then pin it if asked: a pinned checkpoint
+        is pinned right after it exists."""
         artifact = commit(self.store, cap)
+        if pin:
+            put_marker(self.store, cap.loc, PINS, cap.checkpoint_id)
+            artifact = replace(artifact, pinned=True)
         self.remember(artifact)
         return artifact
 
