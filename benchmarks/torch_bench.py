@@ -23,6 +23,9 @@ import torch
 from metaflow import FlowSpec, checkpoint, current, step
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import measure  # noqa: E402  (timed_pair: the same pairing as the numpy figures)
+
 REPEATS = 5
 ROWS = [  # (figure, key, goal, format)
     ("sync save() / torch.save", "sync_vs_torch_save", "<= 1.2", "{:.2f}"),
@@ -42,13 +45,6 @@ def model() -> nn.Module:
 
 def state_bytes(m: nn.Module) -> int:
     return sum(t.nbytes for t in m.state_dict().values())
-
-
-def timed(fn) -> float:
-    os.sync()
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 def perturb(m: nn.Module) -> None:
@@ -91,25 +87,19 @@ class TorchBenchFlow(FlowSpec):
         for i in range(REPEATS):
             target = scratch / f"{uuid.uuid4().hex}.pt"
             perturb(self.model)
-            ours = lambda: current.checkpoint.save(wait=True)
-            theirs = lambda: torch.save(self.model.state_dict(), target)
-            if i % 2:
-                torch_save.append(timed(theirs))
-                sync.append(timed(ours))
-            else:
-                sync.append(timed(ours))
-                torch_save.append(timed(theirs))
+            ours, theirs = measure.timed_pair(i, lambda: current.checkpoint.save(wait=True),
+                                              lambda: torch.save(self.model.state_dict(), target))
+            sync.append(ours)
+            torch_save.append(theirs)
             perturb(self.model)
-            stall.append(timed(current.checkpoint.save))
+            stall.append(measure.timed(current.checkpoint.save))
             current.checkpoint.wait()
         newest = current.checkpoint.list()[0]
         torch_load, load = [], []
         for i in range(REPEATS):
-            pair = [lambda: torch.load(target), lambda: current.checkpoint.load(newest)]
-            first, second = pair if i % 2 else pair[::-1]
-            a, b = timed(first), timed(second)
-            torch_load.append(a if i % 2 else b)
-            load.append(b if i % 2 else a)
+            ours, theirs = measure.timed_pair(i, lambda: current.checkpoint.load(newest), lambda: torch.load(target))
+            load.append(ours)
+            torch_load.append(theirs)
         unchanged = current.checkpoint.save(wait=True)  # right after the load above
         with torch.no_grad():
             self.model[2].weight.mul_(0.5)

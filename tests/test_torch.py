@@ -92,6 +92,8 @@ def test_partial_load_brings_what_a_field_shares_and_skips_the_rest(cp):
     assert list(back) == ["sched"]
     group = back["sched"].optimizer.param_groups[0]["params"]
     assert torch.equal(group[0], next(model.parameters()))
+    pair = cp.restore(artifact, fields=["model", "opt"])
+    assert pair["opt"].param_groups[0]["params"][0] is next(pair["model"].parameters())
     m = artifact.implicit_manifest
     for digest, size in m["buffers"]:
         if size > 4096:
