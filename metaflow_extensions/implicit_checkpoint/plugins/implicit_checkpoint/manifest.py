@@ -149,12 +149,22 @@ class CheckpointArtifact:
     def fields(self) -> dict[str, FieldEntry]:
         return {n: FieldEntry.from_dict(f) for n, f in self.implicit_manifest.get("fields", {}).items()}
 
-    def payload_digests(self) -> set[str]:
-        """Hex digests of every payload this checkpoint references (what gc keeps)."""
+    def payloads(self) -> list[tuple[str, int]]:
+        """(hex digest, size) of every payload this checkpoint references: the pickle stream,
+        then each buffer (format 1: one per field)."""
         m = self.implicit_manifest
         if m.get("version", 1) == 1:
-            return {f["hash"].partition(":")[2] for f in m.get("fields", {}).values()}
-        return {digest for digest, _ in [m["body"], *m["buffers"]]}
+            return [(f["hash"].partition(":")[2], f["size"]) for f in m.get("fields", {}).values()]
+        return [(digest, size) for digest, size in [m["body"], *m["buffers"]]]
+
+    def payload_digests(self) -> set[str]:
+        """Hex digests of every payload this checkpoint references (what gc keeps)."""
+        return {digest for digest, _ in self.payloads()}
+
+    def field_payloads(self, name: str) -> list[tuple[str, int]]:
+        """(hex digest, size) of the buffers first reached through field ``name``."""
+        m = self.implicit_manifest
+        return [(digest, size) for digest, size in m["buffers"][slice(*m["fields"][name]["buffers"])]]
 
     @property
     def location(self) -> TaskLocation:
