@@ -27,6 +27,8 @@ from __future__ import annotations
 import contextvars
 import enum
 import io
+import itertools
+import operator
 import pickle
 import sys
 import types
@@ -40,26 +42,13 @@ from .exceptions import CheckpointRestoreError, CheckpointSaveError
 from .snapshot import type_name
 
 SERIALIZER = "graph-cloudpickle5"
-# Types whose instances never hold state two fields could share (so never worth tracking):
-# atoms, dtypes, devices, modules, builtin functions. Classes and functions are tracked only
-# when they travel by value (a lambda can close over an array).
-_UNTRACKED_BASES = (int, float, complex, str, bytes, range, slice, enum.Enum, types.BuiltinFunctionType,
-                    types.ModuleType, pickle.PickleBuffer)
-_GLOBALS = (type, types.FunctionType)
+# Objects that are values, not state two fields could share: the bulk of any big list, dropped
+# at C speed before sharing is worked out. Others that are no state either (classes and
+# functions stored by name, dtypes, devices, modules) are few, and dropped where found shared.
+_ATOMS = frozenset({int, float, complex, bool, str, bytes, type(None), pickle.PickleBuffer})
+_VALUE_BASES = (range, slice, enum.Enum, types.BuiltinFunctionType, types.ModuleType)
 _TORCH_VALUES = {"dtype", "device", "layout", "memory_format", "qscheme", "finfo", "iinfo"}
-_tracked: dict[type, bool] = {type(None): False, bool: False}
 
-
-def _is_tracked(cls: type) -> bool:
-    """Whether objects of ``cls`` can be state shared between fields (decided once per type)."""
-    numpy = sys.modules.get("numpy")
-    tracked = not (
-        issubclass(cls, _UNTRACKED_BASES)
-        or (numpy is not None and issubclass(cls, numpy.dtype))
-        or (cls.__module__ == "torch" and cls.__name__ in _TORCH_VALUES)
-    )
-    _tracked[cls] = tracked
-    return tracked
 
 # Which attribute is being loaded, for messages raised from inside unpickling (tensors.py).
 loading_field: contextvars.ContextVar[str] = contextvars.ContextVar("loading_field", default="?")
@@ -82,27 +71,17 @@ class Graph:
 class _Pickler(cloudpickle.Pickler):
     def __init__(self, file: io.BytesIO):
         self.buffers: list = []
+        # Pickle calls persistent_id for every object it meets, memo hits included, before
+        # anything else: list.append (C, returns None) records them all, in order, at almost
+        # no cost; which fields share objects is worked out from that afterwards (``_shares``).
+        self.visited: list = []
+        self.persistent_id = self.visited.append
         super().__init__(file, protocol=5, buffer_callback=self._take_buffer)
         self.torch = sys.modules.get("torch")  # no torch import unless the state has tensors
         self.storages: dict = {}  # id(storage) -> (StorageRef, storage): one buffer per storage
-        self.field = 0
-        self.seen: dict = {}  # id(obj) -> (first field, obj): finds objects shared by fields
-        self.shares: set = set()
 
     def _take_buffer(self, buffer: pickle.PickleBuffer) -> None:
         self.buffers.append(buffer.raw())
-
-    def persistent_id(self, obj: Any) -> None:
-        """Called for every object, memo hits included: note which fields reach which objects."""
-        cls = type(obj)
-        if not (_tracked.get(cls) or (cls not in _tracked and _is_tracked(cls))):
-            return None
-        if isinstance(obj, _GLOBALS) and _is_global(obj):
-            return None
-        first = self.seen.setdefault(id(obj), (self.field, obj))[0]
-        if first != self.field:
-            self.shares.add((first, self.field))
-        return None
 
     def reducer_override(self, obj: Any) -> Any:
         if self.torch is not None:
@@ -137,8 +116,9 @@ def encode(state: dict[str, Any], where: str) -> Graph:
     pickler = _Pickler(stream)
     spans: dict[str, tuple] = {}
     names = sorted(state)
-    for index, name in enumerate(names):
-        pickler.field = index
+    visits = []  # per field, where its objects start in pickler.visited
+    for name in names:
+        visits.append(len(pickler.visited))
         start, first_buffer = stream.tell(), len(pickler.buffers)
         try:
             pickler.dump(state[name])
@@ -151,10 +131,7 @@ def encode(state: dict[str, Any], where: str) -> Graph:
                 "Earlier checkpoints are untouched."
             ) from exc
         spans[name] = (start, stream.tell(), first_buffer, len(pickler.buffers))
-    shared: dict[str, set] = {n: set() for n in names}
-    for a, b in pickler.shares:
-        shared[names[a]].add(names[b])
-        shared[names[b]].add(names[a])
+    shared = _shares(names, pickler.visited, visits + [len(pickler.visited)])
     sizes = [b.nbytes for b in pickler.buffers]
     fields = {}
     for name, (start, end, b0, b1) in spans.items():
@@ -168,8 +145,37 @@ def encode(state: dict[str, Any], where: str) -> Graph:
     # The pickler is in a reference cycle (its bound reducer_override), so it lives until the
     # garbage collector runs: drop what it holds now, or replaced states would stay alive.
     pickler.clear_memo()
-    pickler.seen, pickler.storages, pickler.buffers = {}, {}, []
+    pickler.visited, pickler.storages, pickler.buffers = [], {}, []
     return graph
+
+
+def _shares(names: list[str], visited: list, bounds: list[int]) -> dict[str, set]:
+    """Which fields reach an object another field reaches too (every object stays alive in
+    ``visited`` meanwhile, so an id means one object). Filtering out atoms and intersecting
+    runs in C; only objects found in two fields are looked at one by one."""
+    kept, ids = [], []
+    for i in range(len(names)):
+        objects = visited[bounds[i]:bounds[i + 1]]
+        kept.append(list(itertools.compress(objects, map(operator.not_, map(_ATOMS.__contains__, map(type, objects))))))
+        ids.append(set(map(id, kept[-1])))
+    shared: dict[str, set] = {n: set() for n in names}
+    for i, j in itertools.combinations(range(len(names)), 2):
+        common = ids[i] & ids[j]
+        if common and any(_is_state(o) for o in kept[i] if id(o) in common):
+            shared[names[i]].add(names[j])
+            shared[names[j]].add(names[i])
+    return shared
+
+
+def _is_state(obj: Any) -> bool:
+    """False for objects that are no state to share: globals stored by name, dtypes, devices."""
+    cls = type(obj)
+    numpy = sys.modules.get("numpy")
+    if isinstance(obj, _VALUE_BASES) or (numpy is not None and isinstance(obj, numpy.dtype)):
+        return False
+    if cls.__module__ == "torch" and cls.__name__ in _TORCH_VALUES:
+        return False
+    return not (isinstance(obj, (type, types.FunctionType)) and _is_global(obj))
 
 
 def describe(value: Any) -> dict:
