@@ -32,8 +32,9 @@ store = api._checkpointer.store
 if target == "manifest":
     path = os.path.join(store.task_path(loc), bad.key.rsplit("/", 1)[1] + ".json")
 else:
+    own = bad.payload_digests() - good.payload_digests()  # the payloads only the newer one has
     path = [os.path.join(d, f) for d, _, fs in os.walk(store.flow_path("F")) for f in fs
-            if "/objects/" in d and f.startswith(bad.fields["w"].hash.split(":")[1])][0]
+            if "/objects/" in d and f in own][0]
 os.unlink(path)
 if kind == "fifo":
     os.mkfifo(path)

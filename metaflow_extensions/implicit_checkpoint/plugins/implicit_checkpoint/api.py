@@ -11,12 +11,11 @@ from .checkpointer import Checkpointer
 from .exceptions import CheckpointError, CheckpointFormatError
 from .lineage import lineage as follow_lineage
 from .manifest import CheckpointArtifact, TaskLocation, parse_key
-from .marks import PINS, put_marker
 from .recovery import restore_newest_intact
 from .references import Reference, key_in_store, warnings_to_log
-from .snapshot import DEFAULT_SERIALIZER, select_state
+from .snapshot import select_state
 from .store import CheckpointStore, open_store
-from .writer import Capture, capture, commit
+from .writer import Capture, capture
 
 # Below this many serialized bytes a save is written in the step: that is cheaper than a fork.
 ASYNC_MIN_BYTES = 8 << 20
@@ -98,7 +97,6 @@ class CurrentCheckpoint:
         self._ready_to_save()  # here, not in a child
         self._settle(self._background.poll() if self._background else [])
         cap = capture(
-            DEFAULT_SERIALIZER,
             self._ctx.location,
             self._ctx.attempt,
             select_state(
@@ -117,21 +115,20 @@ class CurrentCheckpoint:
             resumed_from=self._loaded.key if self._loaded else None,
         )
         if self._background is None or wait or cap.size < ASYNC_MIN_BYTES:
-            artifact = _commit(self._checkpointer.store, cap, pin)
+            artifact = self._checkpointer.commit(cap, pin)
             self._parent = artifact.key
-            self._checkpointer.remember(artifact)
             self._ctx.on_saved(artifact)
             self._retain([artifact])
             if wait:
                 self.wait()
             return artifact
         store = self._checkpointer.store
-        done = self._background.submit(cap.key, lambda: _commit_in_child(store, cap, pin))
+        done = self._background.submit(
+            cap.key, lambda: _commit_in_child(store, cap, pin)
+        )
         self._parent = cap.key
         self._settle(done)
-        pending = cap.artifact({n: {"type": e.type, "size": e.size, "serializer": e.serializer}
-                                for n, e in cap.fields.items()},
-                               url=store.manifest_url(cap.loc, cap.checkpoint_id))
+        pending = cap.artifact(url=store.manifest_url(cap.loc, cap.checkpoint_id))
         return replace(pending, pinned=pin)
 
     def wait(self) -> list[CheckpointArtifact]:
@@ -286,16 +283,8 @@ def standalone(
     return CurrentCheckpoint(Checkpointer(open_store(root)), ctx)
 
 
-def _commit(store: CheckpointStore, cap: Capture, pin: bool) -> CheckpointArtifact:
-    """The commit point, then the pin: a pinned checkpoint is pinned right after it exists."""
-    artifact = commit(store, cap)
-    if not pin:
-        return artifact
-    put_marker(store, cap.loc, PINS, cap.checkpoint_id)
-    return replace(artifact, pinned=True)
-
-
 def _commit_in_child(store: CheckpointStore, cap: Capture, pin: bool) -> dict:
-    child_store = store.reopened()
-    artifact = _commit(child_store, cap, pin)
-    return {"artifact": artifact.to_dict(), "known": child_store.known()}
+    """A background commit, and what the child learnt of stored payloads (``store.known()``),
+    so the step goes on reusing them while they are young enough (store.py)."""
+    child = Checkpointer(store.reopened())
+    return {"artifact": child.commit(cap, pin).to_dict(), "known": child.store.known()}

@@ -80,15 +80,25 @@ def checkpoints_html(artifacts: Sequence[CheckpointArtifact]) -> str:
 def artifact_text(artifact: CheckpointArtifact, retired: bool = False) -> str:
     """One checkpoint in full: what it is, then one line per field."""
     facts = text_table(None, _facts(artifact, retired))
-    fields = [(n, f.type, human_bytes(f.size), f.serializer, f.hash) for n, f in artifact.fields.items()]
-    return facts + "\n\n" + text_table(("FIELD", "TYPE", "SIZE", "SERIALIZER", "HASH"), fields, {"SIZE"})
+    return facts + "\n\n" + text_table(FIELD_COLUMNS, field_rows(artifact), {"SIZE"})
 
 
 def artifact_html(artifact: CheckpointArtifact) -> str:
-    fields = [(n, f.type, human_bytes(f.size), f.serializer, f.hash) for n, f in artifact.fields.items()]
-    return _html_table(None, _facts(artifact, False)) + _html_table(
-        ("FIELD", "TYPE", "SIZE", "SERIALIZER", "HASH"), fields
-    )
+    return _html_table(None, _facts(artifact, False)) + _html_table(FIELD_COLUMNS, field_rows(artifact))
+
+
+FIELD_COLUMNS = ("FIELD", "TYPE", "SIZE", "SHAPE", "SHARES OBJECTS WITH")
+
+
+def field_rows(artifact: CheckpointArtifact) -> list[tuple[str, ...]]:
+    """One row per field: type, bytes held, shape/dtype/device of tensors and arrays, and the
+    fields it shares objects with."""
+    rows = []
+    for name, f in artifact.fields.items():
+        shape = "" if f.shape is None else "x".join(map(str, f.shape)) or "scalar"
+        shape = " ".join(filter(None, [shape, f.dtype or "", f.device or ""]))
+        rows.append((name, f.type, human_bytes(f.size), shape, ", ".join(f.shares)))
+    return rows
 
 
 def gc_text(report: GcReport) -> str:
