@@ -106,3 +106,36 @@ def test_payloads_known_to_exist_are_not_trusted_once_too_old_to_reuse(root):
     assert api.save().written > 0 or store.is_local  # object stores: written again
     if store.is_local:
         assert store.now("F") - os.stat(payload).st_mtime < 60  # local: freshened in place
+
+
+GC_AHEAD = """
+import sys
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint import gc
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import CheckpointStore
+report = gc.collect(CheckpointStore(sys.argv[1]), "F")
+print(report.freed_payloads, report.young_unreferenced)
+"""
+
+
+def test_a_gc_host_whose_clock_runs_ahead_deletes_nothing_young(tmp_path):
+    """gc on a host whose clock is 2 hours ahead (libfaketime) ages objects by the storage's
+    clock: a payload unreferenced for a minute is young, kept, and reported so."""
+    import subprocess
+    import sys
+
+    from test_clock_skew import LIBFAKETIME
+
+    if not LIBFAKETIME.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("libfaketime is missing: .ci/run installs the Debian package faketime")
+        pytest.skip("libfaketime is not installed (apt-get install faketime)")
+    root = str(tmp_path / "ckpt")
+    api = standalone(types.SimpleNamespace(w=np.arange(100_000.0)), root, LOC, async_saves=False)
+    saved = api.save()
+    store = api._checkpointer.store
+    marks.retire(store, saved.key)
+    marks.purge(store, LOC, [saved.key.rsplit("/", 1)[1]])  # the payload is unreferenced, and young
+    env = {**os.environ, "LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": "+2h"}
+    proc = subprocess.run([sys.executable, "-c", GC_AHEAD, root], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["0", "1"] and len(payload_paths(store)) == 1

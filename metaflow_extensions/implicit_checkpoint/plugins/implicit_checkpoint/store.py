@@ -178,11 +178,12 @@ class CheckpointStore:
         before = time.time()
         self._io(where, lambda: self._write_whole(path, [b""]), hint)
         written = mtime_of(self._io(where, lambda: self.fs.info(path), hint))
-        # A local disk (or memory) keeps this host's time: no offset, not even a millisecond's.
-        remote = self.shared_across_processes and not self.is_local
         if written == int(written):
             written += 1.0  # S3 truncates times to the second: ages may be a second long, never short
-        self._clock_offset = written - (before + time.time()) / 2 if remote else 0.0
+        offset = written - (before + time.time()) / 2 if self.shared_across_processes else 0.0
+        # Under a second apart is one clock read at different resolutions (a local disk stamps
+        # files with a coarse clock): no offset, so a file just written is never "from the future".
+        self._clock_offset = offset if abs(offset) >= 1.0 else 0.0
         self._writable.add(flow)
         self._known[EMPTY_DIGEST] = written
 
