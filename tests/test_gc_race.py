@@ -139,3 +139,44 @@ def test_a_gc_host_whose_clock_runs_ahead_deletes_nothing_young(tmp_path):
     proc = subprocess.run([sys.executable, "-c", GC_AHEAD, root], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["0", "1"] and len(payload_paths(store)) == 1
+
+
+def test_a_temporary_file_deleted_under_a_save_says_so(tmp_path, monkeypatch):
+    """A local write whose temporary file vanished before its rename (`gc --grace 0` running
+    meanwhile) fails naming what happened, not "the bucket or folder does not exist"."""
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.exceptions import CheckpointError
+
+    api = standalone(types.SimpleNamespace(w=np.arange(100_000.0)), str(tmp_path / "ckpt"), LOC, async_saves=False)
+    api.save()  # the root exists; the next save's payload write is the one to lose its temporary file
+    store = api._checkpointer.store
+    real_mv = store.fs.mv
+
+    def gc_first(src, dst, **kwargs):  # the fault: gc removes the temporary file just before the rename
+        if src.endswith(".tmp"):
+            os.unlink(src)
+        return real_mv(src, dst, **kwargs)
+
+    monkeypatch.setattr(store.fs, "mv", gc_first)  # (fsspec shares the instance: undone after the test)
+    api._ctx.flow.w = np.arange(100_000.0) + 1
+    with pytest.raises(CheckpointError) as caught:
+        api.save()
+    assert "vanished before it was renamed into place" in str(caught.value)
+    assert "gc --grace 0" in str(caught.value) and "does not exist" not in str(caught.value)
+
+
+def test_gc_removes_temporary_files_only_past_the_grace_and_says_so(tmp_path):
+    """A temporary file of an unfinished write is kept by gc with the default grace, and removed
+    with a progress line naming what it is once past the grace."""
+    root = str(tmp_path / "ckpt")
+    api = standalone(types.SimpleNamespace(w=np.arange(100_000.0)), root, LOC, async_saves=False)
+    api.save()
+    (payload,) = payload_paths(api._checkpointer.store)
+    tmp = f"{payload}.0123.tmp"
+    with open(tmp, "wb") as f:
+        f.write(b"half a payload")
+    said = []
+    gc.collect(fresh_store(root), "F", progress=said.append)
+    assert os.path.exists(tmp)
+    gc.collect(fresh_store(root), "F", grace=0, progress=said.append)
+    assert not os.path.exists(tmp)
+    assert any("temporary files of writes unfinished for longer than the grace" in line for line in said)
