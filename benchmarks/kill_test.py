@@ -183,6 +183,7 @@ class Collector(threading.Thread):
                 return
             self.tally["gc passes during saves"] += 1
             self.tally["payloads gc deleted during saves"] += report.freed_payloads
+            self.tally["payloads gc found reused meanwhile and kept"] += report.reused_meanwhile
             time.sleep(0.05)
 
 
@@ -215,6 +216,8 @@ def run_backend(root: str, kills: int, args, rng: random.Random, tally: Counter,
             problems.append(f"{attempt}: child failed: {stderr[-1500:]}")
         newest = verify(root, attempt, lines, newest, tally, problems)
     collector.stop.set()
+    if args.gc:
+        collector.join()  # before the hostile inputs, which set a signing secret for a while
 
 
 def bad_inputs(root: str, count: int, seed: int, tally: Counter, problems: list) -> None:

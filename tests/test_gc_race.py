@@ -84,8 +84,9 @@ def test_a_save_reusing_an_old_payload_while_gc_runs_never_loses_its_checkpoint(
             other._checkpointer.store.__dict__.update(fresh_store(root).__dict__)  # knows nothing
             saved.append(other.save())  # reuses the payload gc is about to delete
 
-    gc.collect(fresh_store(root), "F", progress=save_at_the_worst_moment)
+    report = gc.collect(fresh_store(root), "F", progress=save_at_the_worst_moment)
     assert saved, "gc never reached its deletes"
+    assert (report.freed_payloads, report.reused_meanwhile) == (0, 1)
     reader = Checkpointer(fresh_store(root))
     assert np.array_equal(reader.restore(reader.read(saved[0].key))["w"], weights)
     gc.collect(fresh_store(root), "F")

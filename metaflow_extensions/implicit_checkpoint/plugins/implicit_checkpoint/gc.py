@@ -78,6 +78,7 @@ class GcReport:
     freed_payloads: int  # unreferenced payloads (and stale temporary files) deleted
     freed_bytes: int
     young_unreferenced: int  # unreferenced payloads kept because younger than the grace
+    reused_meanwhile: int = 0  # found old and unreferenced, but a save reused them before the delete
 
 
 @dataclass
@@ -131,6 +132,7 @@ def collect(
         physical_bytes=sum(size for _, size, _ in inv.payloads.values()),
         freed_payloads=len(doomed) + len(stale) - spared, freed_bytes=freed,
         young_unreferenced=sum(1 for _, _, age in unreferenced.values() if age < grace),
+        reused_meanwhile=spared,
     )
 
 
