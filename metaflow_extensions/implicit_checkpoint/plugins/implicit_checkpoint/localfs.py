@@ -47,7 +47,7 @@ def open_regular(path: str, root: str) -> int:
 
 def open_file(path: str, root: str) -> BinaryIO:
     """A regular file inside the root, opened for reading (see ``open_regular``)."""
-    return os.fdopen(open_regular(path, root), "rb")
+    return os.fdopen(open_regular(path, root), "rb", buffering=0)  # reads go straight into the buffers
 
 
 def read_small_file(path: str, root: str) -> Optional[bytes]:
