@@ -38,7 +38,7 @@ TEMPLATES = Path(__file__).resolve().with_name("templates")
 SECTIONS = ("header", "plot", "checkpoints", "lineage")
 PREFERRED_METRIC = "loss"
 PLOT_WIDTH, PLOT_HEIGHT, PLOT_PAD = 640, 170, 28
-NEWEST_ROWS, BEST_ROWS, LINEAGE_ROWS, PLOT_POINTS = 50, 5, 25, 400
+NEWEST_ROWS, BEST_ROWS, LINEAGE_ROWS, PLOT_POINTS = 25, 5, 25, 400
 
 
 @dataclass(frozen=True)
