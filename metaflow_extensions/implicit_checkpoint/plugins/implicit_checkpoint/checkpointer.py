@@ -104,18 +104,20 @@ class Checkpointer:
             raise CheckpointCorrupt(f"Checkpoint {artifact.key} uses hash {algorithm!r}, unknown here.")
         order = [-1, *sorted(needed)]  # -1: the stream
         payloads = [m["body"] if i < 0 else m["buffers"][i] for i in order]
-        read = lambda payload: self._payload(artifact, inline, algorithm, *payload)
-        if self.store.is_local or len(payloads) < 2:
-            found = list(map(read, payloads))
-        else:
-            with ThreadPoolExecutor(max_workers=min(8, len(payloads))) as pool:
-                found = list(pool.map(read, payloads))
+        with ThreadPoolExecutor(max_workers=1) as hashing:  # hashes chunk i while i+1 is read
+            read = lambda payload: self._payload(artifact, inline, algorithm, hashing, *payload)
+            if self.store.is_local or len(payloads) < 2:
+                found = list(map(read, payloads))
+            else:
+                with ThreadPoolExecutor(max_workers=min(8, len(payloads))) as pool:
+                    found = list(pool.map(read, payloads))
         by_index = dict(zip(order, found))
         buffers = [by_index[i] if i in by_index else _new_buffer(size)
                    for i, (_, size) in enumerate(m["buffers"])]
         return by_index[-1], buffers
 
-    def _payload(self, artifact: CheckpointArtifact, inline: dict, algorithm: str, digest: str, size: int) -> Any:
+    def _payload(self, artifact: CheckpointArtifact, inline: dict, algorithm: str, hashing: ThreadPoolExecutor,
+                 digest: str, size: int) -> Any:
         """One payload, read into a buffer of the size the manifest states, hash verified."""
         hasher = HASHES[algorithm]()
         buffer = _new_buffer(size)
@@ -128,7 +130,7 @@ class Checkpointer:
                     hasher.update(data)
             else:
                 with self.store.open_object(artifact.location.flow, digest) as f:
-                    ok = _read_verified(f, _bytes_view(buffer), hasher)
+                    ok = _read_verified(f, _bytes_view(buffer), hasher, hashing)
         except CheckpointNotFound:
             raise CheckpointCorrupt(
                 f"{_owner(artifact, digest)} of checkpoint {artifact.key} is missing its payload "
@@ -195,21 +197,20 @@ class Checkpointer:
 _CHUNK = 16 << 20
 
 
-def _read_verified(f, view: memoryview, hasher) -> bool:
-    """Read exactly ``len(view)`` bytes into ``view``, 16 MiB at a time, while a second thread
-    hashes the chunk read before (both release the GIL), so verifying costs no time on top of
-    reading. False if the payload is shorter or longer than that."""
-    chunks = [view[i:i + _CHUNK] for i in range(0, len(view), _CHUNK)]
-    with ThreadPoolExecutor(max_workers=1) as hashing:
-        hashed = None
-        for chunk in chunks:
-            if not _read_into(f, chunk):
-                return False
-            if hashed is not None:
-                hashed.result()
-            hashed = hashing.submit(hasher.update, chunk)
+def _read_verified(f, view: memoryview, hasher, hashing: ThreadPoolExecutor) -> bool:
+    """Read exactly ``len(view)`` bytes into ``view``, 16 MiB at a time, while the ``hashing``
+    thread hashes the chunk read before (both release the GIL), so verifying costs no time on
+    top of reading. False if the payload is shorter or longer than that."""
+    hashed = None
+    for i in range(0, len(view), _CHUNK):
+        chunk = view[i:i + _CHUNK]
+        if not _read_into(f, chunk):
+            return False
         if hashed is not None:
             hashed.result()
+        hashed = hashing.submit(hasher.update, chunk)
+    if hashed is not None:
+        hashed.result()
     return not f.read(1)
 
 
