@@ -29,6 +29,9 @@ class Checkpointer:
         # Manifests never change once written, so what was parsed (or saved) here is reused;
         # a listing still decides which checkpoints exist.
         self._parsed: dict[str, CheckpointArtifact] = {}
+        # The bytes of the manifests read last (a resume restores one of them right after
+        # finding it: its inline payloads are then not read again).
+        self._raw: dict[str, bytes] = {}
 
     def save(self, loc: TaskLocation, attempt: int, state: dict[str, Any], pin: bool = False,
              **options: Any) -> CheckpointArtifact:
@@ -62,7 +65,7 @@ class Checkpointer:
 
     def _read_stored(self, key: str) -> tuple[CheckpointArtifact, dict]:
         loc, checkpoint_id = parse_key(key)
-        data = self.store.get_manifest(loc, checkpoint_id)
+        data = self._raw.pop(key, None) or self.store.get_manifest(loc, checkpoint_id)
         url = self.store.manifest_url(loc, checkpoint_id)
         return read_manifest(data, url, self.store.sealer, key), read_inline(data, url)
 
@@ -189,6 +192,9 @@ class Checkpointer:
                 continue  # deleted between listing and reading
             try:
                 self.remember(read_manifest(data, f"{folder}/{checkpoint_id}.json", sealer, loc.key(checkpoint_id)))
+                self._raw[loc.key(checkpoint_id)] = data
+                while len(self._raw) > 32:
+                    del self._raw[next(iter(self._raw))]
             except CheckpointError as exc:
                 warnings.warn(f"Skipping unreadable checkpoint {loc.key(checkpoint_id)}: {exc}")
         return [self._parsed[k] for k in map(loc.key, ids) if k in self._parsed]
