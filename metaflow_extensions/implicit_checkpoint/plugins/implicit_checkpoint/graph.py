@@ -160,11 +160,16 @@ def _shares(names: list[str], visited: list, bounds: list[int]) -> dict[str, set
         ids.append(set(map(id, kept[-1])))
     shared: dict[str, set] = {n: set() for n in names}
     for i, j in itertools.combinations(range(len(names)), 2):
-        common = ids[i] & ids[j]
-        if common and any(_is_state(o) for o in kept[i] if id(o) in common):
+        common = ids[i] & ids[j]  # most often a few classes and dtypes: looked at one by one
+        if common and any(_is_state(o) for o in _objects_of(kept[i], common)):
             shared[names[i]].add(names[j])
             shared[names[j]].add(names[i])
     return shared
+
+
+def _objects_of(objects: list, ids: set) -> list:
+    by_id = dict(zip(map(id, objects), objects))
+    return [by_id[i] for i in ids]
 
 
 def _is_state(obj: Any) -> bool:
