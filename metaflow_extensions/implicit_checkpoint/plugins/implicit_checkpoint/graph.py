@@ -145,31 +145,29 @@ def encode(state: dict[str, Any], where: str) -> Graph:
     # The pickler is in a reference cycle (its bound reducer_override), so it lives until the
     # garbage collector runs: drop what it holds now, or replaced states would stay alive.
     pickler.clear_memo()
-    pickler.visited, pickler.storages, pickler.buffers = [], {}, []
+    for held in (pickler.visited, pickler.storages, pickler.buffers):
+        held.clear()  # in place: persistent_id is the visited list's own append
     return graph
 
 
 def _shares(names: list[str], visited: list, bounds: list[int]) -> dict[str, set]:
-    """Which fields reach an object another field reaches too (every object stays alive in
+    """Which fields reach an object an earlier field reached (every object stays alive in
     ``visited`` meanwhile, so an id means one object). Filtering out atoms and intersecting
     runs in C; only objects found in two fields are looked at one by one."""
-    kept, ids = [], []
+    shared: dict[str, set] = {n: set() for n in names}
+    owner: dict[int, int] = {}  # id -> the first field that reached it
     for i in range(len(names)):
         objects = visited[bounds[i]:bounds[i + 1]]
-        kept.append(list(itertools.compress(objects, map(operator.not_, map(_ATOMS.__contains__, map(type, objects))))))
-        ids.append(set(map(id, kept[-1])))
-    shared: dict[str, set] = {n: set() for n in names}
-    for i, j in itertools.combinations(range(len(names)), 2):
-        common = ids[i] & ids[j]  # most often a few classes and dtypes: looked at one by one
-        if common and any(_is_state(o) for o in _objects_of(kept[i], common)):
-            shared[names[i]].add(names[j])
-            shared[names[j]].add(names[i])
+        kept = list(itertools.compress(objects, map(operator.not_, map(_ATOMS.__contains__, map(type, objects)))))
+        ids = set(map(id, kept))
+        common = ids.intersection(owner)  # most often a few classes and dtypes
+        if common:
+            by_id = dict(zip(map(id, kept), kept))
+            for j in {owner[k] for k in common if _is_state(by_id[k])} - {i}:
+                shared[names[i]].add(names[j])
+                shared[names[j]].add(names[i])
+        owner.update(dict.fromkeys(ids - common, i))
     return shared
-
-
-def _objects_of(objects: list, ids: set) -> list:
-    by_id = dict(zip(map(id, objects), objects))
-    return [by_id[i] for i in ids]
 
 
 def _is_state(obj: Any) -> bool:

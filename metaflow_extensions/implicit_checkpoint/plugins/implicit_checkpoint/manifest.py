@@ -240,6 +240,8 @@ def read_manifest(data: bytes, url: str, sealer: Sealer, key: Optional[str]) -> 
     _check_shape(body, url)
     del body["format"]
     body["url"] = url
+    if isinstance(body.get("written"), int):
+        body["written"] += len(data)  # stored: the payload bytes; the manifest counts itself
     return CheckpointArtifact.from_dict(body)
 
 

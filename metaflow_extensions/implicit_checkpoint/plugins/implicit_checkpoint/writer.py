@@ -106,12 +106,10 @@ def commit(store: CheckpointStore, cap: Capture) -> CheckpointArtifact:
             objects[digest] = part  # a buffer twice in one graph is written once
     written = sum(_put_all(store, cap.loc.flow, list(objects.items())))
     payloads = {"hash": algorithm, "body": listed[0], "buffers": listed[1:]}
-    artifact = cap.artifact(payloads, written)
+    artifact = cap.artifact(payloads, written)  # the manifest stores the payload bytes ...
     manifest = manifest_bytes(artifact, store.sealer, inline)
-    while artifact.written != written + len(manifest):  # the manifest counts itself: 2-3 rounds
-        artifact = replace(artifact, written=written + len(manifest))
-        manifest = manifest_bytes(artifact, store.sealer, inline)
-    return artifact.with_url(store.put_manifest(cap.loc, cap.checkpoint_id, manifest))
+    url = store.put_manifest(cap.loc, cap.checkpoint_id, manifest)
+    return replace(artifact, url=url, written=written + len(manifest))  # ... readers add its own
 
 
 def _put_all(store: CheckpointStore, flow: str, objects: list) -> list[int]:
