@@ -223,7 +223,7 @@ def _read_verified(f, view: memoryview, hasher, hashing: ThreadPoolExecutor) -> 
 def _owner(artifact: CheckpointArtifact, digest: str) -> str:
     """``Field 'w'``: who holds a payload, for errors (the stream holds every field)."""
     m = artifact.implicit_manifest
-    names = [n for n, f in m["fields"].items() if any(p[0] == digest for p in m["buffers"][slice(*f["buffers"])])]
+    names = [n for n, f in m["fields"].items() if any(p[0] == digest for p in m["buffers"][slice(*f.get("buffers", (0, 0)))])]
     return f"Field {', '.join(map(repr, names))}" if names else f"The object graph (fields {', '.join(map(repr, m['fields']))})"
 
 

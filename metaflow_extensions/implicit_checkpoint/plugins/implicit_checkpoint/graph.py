@@ -60,7 +60,7 @@ class Graph:
 
     body: bytes
     buffers: tuple  # memoryviews of live memory (or of host copies of device tensors)
-    fields: dict  # name -> {"type", "size", "span", "buffers", "shares", [shape, dtype, device]}
+    fields: dict  # name -> {"type", "size", "span", [buffers, shares, shape, dtype, device]}
     keepalive: tuple = ()  # host copies of device storages, alive until the save is written
 
     @property
@@ -135,11 +135,12 @@ def encode(state: dict[str, Any], where: str) -> Graph:
     sizes = [b.nbytes for b in pickler.buffers]
     fields = {}
     for name, (start, end, b0, b1) in spans.items():
-        fields[name] = {
-            "type": type_name(state[name]), "size": end - start + sum(sizes[b0:b1]),
-            "span": [start, end], "buffers": [b0, b1], "shares": sorted(shared[name]),
-            **describe(state[name]),
-        }
+        fields[name] = {"type": type_name(state[name]), "size": end - start + sum(sizes[b0:b1]),
+                        "span": [start, end], **describe(state[name])}
+        if b1 > b0:  # omitted when empty: list() parses every manifest
+            fields[name]["buffers"] = [b0, b1]
+        if shared[name]:
+            fields[name]["shares"] = sorted(shared[name])
     graph = Graph(stream.getvalue(), tuple(pickler.buffers), fields,
                   tuple(ref for ref, _ in pickler.storages.values()))
     # The pickler is in a reference cycle (its bound reducer_override), so it lives until the
@@ -204,8 +205,8 @@ def needed_buffers(fields: dict, wanted: Optional[Sequence[str]]) -> tuple[list[
             name = todo.pop()
             if name not in closure:
                 closure.add(name)
-                todo.extend(fields[name]["shares"])
-    indices = {i for n in closure for i in range(*fields[n]["buffers"])}
+                todo.extend(fields[name].get("shares", ()))
+    indices = {i for n in closure for i in range(*fields[n].get("buffers", (0, 0)))}
     return sorted(closure), indices
 
 
