@@ -1,11 +1,16 @@
 """SIGKILL a saving process at random instants, many times; after every kill, check what is left.
 
-    python benchmarks/kill_test.py --kills 240 --backend both --fault-rate 0.05 --bad-inputs 600
+    python benchmarks/kill_test.py --kills 240 --backend both --fault-rate 0.05 --bad-inputs 600 --skew-minutes 30
 
 Each round starts benchmarks/kill_child.py as the next attempt of one task: it resumes from the
 newest intact checkpoint, checks it exactly, and saves in a loop while tests/transient_faults.py
-injects transient faults that its retries must absorb. The round kills it with SIGKILL at a random instant,
-or just as it starts writing a payload or a manifest. Then, with a fresh reader and no faults:
+injects transient faults that its retries must absorb. Each round's clock is set off from the
+others' by up to ``--skew-minutes`` either way (libfaketime), so wall clocks say nothing about
+which attempt is newer. Meanwhile gc runs in a loop with the default grace; between rounds the
+stored payloads are made two hours old (local disk: their mtimes), so gc finds old unreferenced
+payloads (those of saves killed mid-way) that the next attempt, re-saving the same state, reuses.
+The round kills it with SIGKILL at a random instant, or just as it starts writing a payload or a
+manifest. Then, with a fresh reader and no faults:
 
 - list() shows only loadable checkpoints: each new one is restored and checked exactly;
 - nothing acknowledged is lost: every save the child saw return is listed;
@@ -29,6 +34,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections import Counter
@@ -65,6 +71,18 @@ def start_s3() -> str:
     raise RuntimeError(f"moto's S3 server did not start on {endpoint}")
 
 
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+def skewed_env(rng: random.Random, minutes: float) -> dict:
+    """The environment of a child whose wall clock is off by up to ``minutes`` either way."""
+    if not minutes:
+        return dict(os.environ)
+    offset = round(rng.uniform(-minutes, minutes) * 60)
+    return {**os.environ, "LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": f"{offset:+d}",
+            "FAKETIME_DONT_RESET": "1"}
+
+
 class Round:
     """One child process, killed at a chosen moment."""
 
@@ -73,7 +91,7 @@ class Round:
         self.proc = subprocess.Popen(
             [sys.executable, str(CHILD), root, "--task", TASK, "--attempt", str(attempt), "--phase-file",
              phase_file, "--fault-rate", str(args.fault_rate), "--seed", str(rng.randrange(2**31))],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=skewed_env(rng, args.skew_minutes),
         )
         with open(phase_file, "r+b") as f:
             self.map = mmap.mmap(f.fileno(), 16)
@@ -145,11 +163,50 @@ def verify(root: str, attempt: int, lines: list[str], newest_before, tally: Coun
     return newest
 
 
+class Collector(threading.Thread):
+    """gc with the default grace, over and over, while the rounds save."""
+
+    def __init__(self, root: str, tally: Counter, problems: list):
+        super().__init__(daemon=True)
+        self.root, self.tally, self.problems, self.stop = root, tally, problems, threading.Event()
+
+    def run(self) -> None:
+        from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint import gc
+        from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.storage_options import storage_options
+        from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import CheckpointStore
+
+        while not self.stop.is_set():
+            try:
+                report = gc.collect(CheckpointStore(self.root, storage_options(self.root)), TASK.split("/")[0])
+            except Exception as exc:  # noqa: BLE001 (reported, and the run fails)
+                self.problems.append(f"gc failed: {type(exc).__name__}: {exc}")
+                return
+            self.tally["gc passes during saves"] += 1
+            self.tally["payloads gc deleted during saves"] += report.freed_payloads
+            self.tally["payloads gc found reused meanwhile and kept"] += report.reused_meanwhile
+            time.sleep(0.05)
+
+
+def age_payloads(root: str) -> None:
+    """Between rounds (no writer running): every payload two hours old, as after a long pause."""
+    if "://" in root:
+        return  # an object's time on the S3 server cannot be set from here
+    old = time.time() - 7200
+    for folder, _, files in os.walk(os.path.join(root, TASK.split("/")[0], "objects")):
+        for name in files:
+            os.utime(os.path.join(folder, name), (old, old))
+
+
 def run_backend(root: str, kills: int, args, rng: random.Random, tally: Counter, problems: list) -> None:
     handle, phase_file = tempfile.mkstemp(prefix="kill-phase-")
     os.close(handle)
     newest = None
+    collector = Collector(root, tally, problems)
+    if args.gc:
+        collector.start()
     for attempt in range(kills):
+        if args.gc:
+            age_payloads(root)
         phase, injected, retried, lines, stderr = Round(root, attempt, args, rng, phase_file).kill()
         tally["kills"] += 1
         tally[f"killed while {PHASES.get(phase, phase)}"] += 1
@@ -158,6 +215,9 @@ def run_backend(root: str, kills: int, args, rng: random.Random, tally: Counter,
         if "Traceback" in stderr:
             problems.append(f"{attempt}: child failed: {stderr[-1500:]}")
         newest = verify(root, attempt, lines, newest, tally, problems)
+    collector.stop.set()
+    if args.gc:
+        collector.join()  # before the hostile inputs, which set a signing secret for a while
 
 
 def bad_inputs(root: str, count: int, seed: int, tally: Counter, problems: list) -> None:
@@ -179,7 +239,12 @@ def main() -> int:
     parser.add_argument("--fault-rate", type=float, default=0.05, help="share of storage calls that fail")
     parser.add_argument("--bad-inputs", type=int, default=600, help="total, split over the backends")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--skew-minutes", type=float, default=30.0,
+                        help="each round's clock is off by up to this much either way (0: no libfaketime)")
+    parser.add_argument("--no-gc", dest="gc", action="store_false", help="no gc running during the saves")
     args = parser.parse_args()
+    if args.skew_minutes and not LIBFAKETIME.exists():
+        parser.error(f"--skew-minutes needs libfaketime ({LIBFAKETIME}; apt-get install faketime) or 0")
     sys.path.insert(0, str(HERE))
     backends = ["local", "s3"] if args.backend == "both" else [args.backend]
     rng, started = random.Random(args.seed), time.monotonic()

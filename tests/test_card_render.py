@@ -108,3 +108,30 @@ def test_in_place_update_carries_the_page_sections(root_url):
     for element_id, html in render_sections(view).items():
         assert f'<section id="{element_id}">{html}</section>' in page
     assert 'window.METAFLOW_RELOAD_TOKEN = "token"' in page
+
+
+def test_at_scale_the_page_shows_a_bounded_part_and_the_plot_covers_all():
+    """2,000 checkpoints: the table shows the newest, the best and the loaded one, the lineage
+    its nearest ancestors and the plot a bounded number of points spanning all of them, with the
+    best loss among them; the header still counts every checkpoint."""
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint import card
+
+    root = "memory://card-scale"
+    checkpointer = Checkpointer(open_store(root))
+    loc = TaskLocation("F", "1", "train", "9")
+    parent, saved = None, []
+    for i in range(2000):
+        loss = 0.001 if i == 1234 else 1.0 + (i % 50) / 100
+        saved.append(checkpointer.save(loc, 0, {"i": i}, metadata={"loss": loss}, parent=parent))
+        parent = saved[-1].key
+    request = CardRequest(loc.pathspec, loc.position, attempt=0, root=root, load_policy="fresh", loaded=saved[1500].key)
+    view = build_view(checkpointer, request)
+    shown = [r.checkpoint.key for r in view.rows]
+    assert view.total == 2000 and len(shown) <= card.NEWEST_ROWS + card.BEST_ROWS + 1
+    assert shown[-card.NEWEST_ROWS:] == [a.key for a in saved[-card.NEWEST_ROWS:]]
+    assert saved[1234].key in shown and saved[1500].key in shown
+    assert len(view.lineage) == card.LINEAGE_ROWS and view.lineage[-1].checkpoint.key == saved[1500].key
+    assert len(view.plot.points) <= card.PLOT_POINTS and view.plot.low == 0.001
+    assert view.plot.points[0][2].index == 1 and view.plot.points[-1][2].index == 2000
+    html = render_page(view, "t")
+    assert "2000 checkpoints" in html and len(html) < 200_000

@@ -131,6 +131,8 @@ def test_errors_are_one_plain_sentence_and_an_exit_code(runs, run_flow, backend)
         (("list", "424242/start"), 1, "Error: Step('RetentionFlow/424242/start') does not exist"),
         (("delete", "start"), 2, "Error: 'start' is a step; name a run (its id) instead."),
         (("gc", "--grace", "-5"), 2, "-5"),
+        (("list", "RetentionFlow/../RetentionFlow"), 2, "Error: 'RetentionFlow/../RetentionFlow' is not"),
+        (("inspect", pinned + "\n"), 2, "is not a checkpoint key"),
     ]
     for args, code, message in cases:
         proc = flow_cli(run_flow, backend, *args)

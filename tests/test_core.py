@@ -292,10 +292,10 @@ def test_a_format_1_checkpoint_is_listed_but_refused_at_load(cp):
     from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.recovery import restore_newest_intact
 
     current = cp.save(LOC, 0, {"n": 2})
-    old_id = "20990101T000000000000Z-a0-0000000a"
+    old_id = "20990101T000000000000Z-a1-0000000a"  # a later attempt's: newer than `current`
     key = LOC.key(old_id)
     body = {"format": "metaflow-implicit-checkpoint", "version": 1, "key": key, "name": "mfchckpt",
-            "pathspec": LOC.pathspec, "attempt": 0, "created_on": "2099-01-01T00:00:00.000000Z",
+            "pathspec": LOC.pathspec, "attempt": 1, "created_on": "2099-01-01T00:00:00.000000Z",
             "metadata": {}, "latest": True, "implicit_manifest": {"version": 1, "fields": {"n": {
                 "type": "int", "size": 9, "hash": "xxh128:" + "0" * 32, "serializer": "cloudpickle5"}}}}
     sealed = json.dumps(body).encode() + b"\n" + json.dumps({"n": base64.b64encode(pickle.dumps(1)).decode()}).encode()

@@ -101,7 +101,7 @@ def test_saves_and_loads_survive_random_transient_faults(root_url):
     """With 30% of storage calls failing (before or after reaching storage), every save commits,
     every checkpoint restores exactly, and each injected fault was retried once."""
     cp = faulty(root_url, rate=0.3)
-    keys = [cp.save(LOC, 0, state(i)).key for i in range(6)]
+    keys = [cp.save(LOC, 0, state(i)).key for i in range(12)]  # a local disk needs few calls
     for i, key in enumerate(keys):
         assert_state(cp.restore(cp.read(key)), i)
     assert [a.key for a in cp.list(LOC)] == keys[::-1]

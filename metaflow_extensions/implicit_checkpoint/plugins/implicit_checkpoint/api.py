@@ -15,8 +15,8 @@ from .manifest import CheckpointArtifact, TaskLocation, parse_key
 from .recovery import restore_newest_intact
 from .references import Reference, key_in_store, warnings_to_log
 from .snapshot import select_state
-from .store import open_store
-from .writer import capture
+from .store import CheckpointStore, open_store
+from .writer import Capture, capture
 
 # Below this many serialized bytes a save is written in the step: that is cheaper than a fork.
 ASYNC_MIN_BYTES = 8 << 20
@@ -58,6 +58,7 @@ class CurrentCheckpoint:
         self._loaded: Optional[CheckpointArtifact] = None
         self._parent: Optional[str] = None  # last checkpoint loaded or saved in this attempt
         self._used = False
+        self._seen_earlier = False
         self._retainer = retention.Retainer(checkpointer, ctx.location, ctx.keep) if ctx.keep else None
 
     # ----- what load_policy found ----------------------------------------------------
@@ -96,7 +97,7 @@ class CurrentCheckpoint:
         ``load()``. ``pin=True`` exempts it from ``@checkpoint(keep=...)`` retention.
         """
         self._first_use()
-        self._checkpointer.store.check_writable(self._ctx.location.flow)  # here, not in a child
+        self._ready_to_save()  # here, not in a child
         self._settle(self._background.poll() if self._background else [])
         cap = capture(
             self._ctx.location,
@@ -126,7 +127,7 @@ class CurrentCheckpoint:
             return artifact
         store = self._checkpointer.store
         done = self._background.submit(
-            cap.key, lambda: {"artifact": Checkpointer(store.reopened()).commit(cap, pin).to_dict()}
+            cap.key, lambda: _commit_in_child(store, cap, pin)
         )
         self._parent = cap.key
         self._settle(done)
@@ -144,7 +145,7 @@ class CurrentCheckpoint:
             if result.get("ok"):
                 artifact = CheckpointArtifact.from_dict(result["artifact"])
                 self._checkpointer.remember(artifact)
-                self._checkpointer.store.remember(artifact.payload_digests())
+                self._checkpointer.store.remember(result.get("known", {}))
                 self._ctx.on_saved(artifact)
                 done.append(artifact)
         if done:
@@ -242,6 +243,18 @@ class CurrentCheckpoint:
             self._used = True
             self._ctx.on_first_use()
 
+    def _ready_to_save(self) -> None:
+        """Before this attempt's first save: check that the root can be written (naming it if
+        not), then move the logical clock (ids.py) past every checkpoint this attempt could
+        resume from (listing them does it), so what it saves is newer whatever the clocks say."""
+        store, loc = self._checkpointer.store, self._ctx.location
+        store.check_writable(loc.flow)
+        if not self._seen_earlier:
+            store.list_task(loc)
+            if self._ctx.load_policy == "eager":
+                store.list_position(loc.flow, loc.step, loc.position)
+            self._seen_earlier = True
+
     @property
     def pending(self) -> int:
         """How many saves are still being written in the background."""
@@ -274,3 +287,10 @@ def standalone(
         on_loaded=lambda artifact: None, async_saves=async_saves, keep=retention.parse_keep(keep),
     )
     return CurrentCheckpoint(Checkpointer(open_store(root)), ctx)
+
+
+def _commit_in_child(store: CheckpointStore, cap: Capture, pin: bool) -> dict:
+    """A background commit, and what the child learnt of stored payloads (``store.known()``),
+    so the step goes on reusing them while they are young enough (store.py)."""
+    child = Checkpointer(store.reopened())
+    return {"artifact": child.commit(cap, pin).to_dict(), "known": child.store.known()}

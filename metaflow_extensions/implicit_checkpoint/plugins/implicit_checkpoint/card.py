@@ -5,6 +5,12 @@
 with the jinja2 templates in ``templates/`` (the repository's ``cards/``). Autoescaping is on:
 names, metadata and field names are user data and always show as text.
 
+At scale (a task with 10,000 checkpoints) the page stays small and quick to render: the plot
+covers every checkpoint (thinned to ``PLOT_POINTS``, keeping each stretch's lowest and highest
+value), while the table shows the newest ``NEWEST_ROWS``, the best ``BEST_ROWS`` by the plotted
+metric and the loaded one, and the lineage its nearest ``LINEAGE_ROWS`` ancestors; the header
+counts them all (benchmarks/card_scale.py).
+
 Which checkpoints are marked failed: Metaflow starts attempt N of a task only after attempt
 N-1 failed, so every checkpoint of an attempt before the card's own comes from a failed
 attempt. The card's own attempt is marked failed only when it raised (the card is then
@@ -32,6 +38,7 @@ TEMPLATES = Path(__file__).resolve().with_name("templates")
 SECTIONS = ("header", "plot", "checkpoints", "lineage")
 PREFERRED_METRIC = "loss"
 PLOT_WIDTH, PLOT_HEIGHT, PLOT_PAD = 640, 170, 28
+NEWEST_ROWS, BEST_ROWS, LINEAGE_ROWS, PLOT_POINTS = 25, 5, 25, 400
 
 
 @dataclass(frozen=True)
@@ -88,28 +95,48 @@ class CardView:
     """Everything the card shows."""
 
     request: CardRequest
-    rows: tuple[Row, ...]
+    rows: tuple[Row, ...]  # the ones shown (see the module docstring), oldest first
     loaded: Optional[CheckpointArtifact]
     lineage: tuple[Row, ...]
     plot: Optional[Plot]
     problem: Optional[str]
     rendered_on: str
+    total: int = 0  # checkpoints of the task, shown or not
+    written: int = 0  # bytes they wrote
+
+    @property
+    def hidden(self) -> int:
+        return self.total - len(self.rows)
 
 
 def build_view(checkpointer: Checkpointer, request: CardRequest) -> CardView:
     """Read the task's checkpoints (oldest first) and the lineage of the loaded one."""
-    found = sorted(checkpointer.list(request.location), key=lambda a: (a.created_on, a.key))
+    found = checkpointer.list(request.location)[::-1]  # oldest first, in ids.py's clock-free order
     rows = tuple(Row(i + 1, a, request.is_failed(a), a.key == request.loaded) for i, a in enumerate(found))
     chain: list[CheckpointArtifact] = []
     problem = None
     if request.loaded:
         try:
-            chain = follow_lineage(checkpointer, request.loaded)
+            chain = follow_lineage(checkpointer, request.loaded, limit=LINEAGE_ROWS)
         except CheckpointError as exc:
             problem = f"The loaded checkpoint {request.loaded} cannot be read: {exc}"
     lineage_rows = tuple(Row(i, a, request.is_failed(a), a.key == request.loaded) for i, a in enumerate(chain))
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return CardView(request, rows, chain[-1] if chain else None, lineage_rows, make_plot(rows), problem, now)
+    plot = make_plot(rows)
+    return CardView(request, _shown(rows, plot), chain[-1] if chain else None, lineage_rows, plot, problem, now,
+                    total=len(rows), written=sum(r.checkpoint.written for r in rows))
+
+
+def _shown(rows: tuple[Row, ...], plot: Optional[Plot]) -> tuple[Row, ...]:
+    """The rows the table shows: the newest, the best by the plotted metric, the loaded one."""
+    if len(rows) <= NEWEST_ROWS + BEST_ROWS:
+        return rows
+    keep = {r.index for r in rows[-NEWEST_ROWS:]} | {r.index for r in rows if r.loaded}
+    if plot is not None:
+        valued = [r for r in rows if _is_number(r.checkpoint.metadata.get(plot.metric))]
+        best = sorted(valued, key=lambda r: r.checkpoint.metadata[plot.metric])  # lowest first: a loss
+        keep |= {r.index for r in best[:BEST_ROWS]}
+    return tuple(r for r in rows if r.index in keep)
 
 
 def make_plot(rows: tuple[Row, ...]) -> Optional[Plot]:
@@ -118,7 +145,7 @@ def make_plot(rows: tuple[Row, ...]) -> Optional[Plot]:
     metric = _pick_metric(rows)
     if metric is None:
         return None
-    valued = [(r, float(r.checkpoint.metadata[metric])) for r in rows if _is_number(r.checkpoint.metadata.get(metric))]
+    valued = _thinned([(r, float(r.checkpoint.metadata[metric])) for r in rows if _is_number(r.checkpoint.metadata.get(metric))])
     low, high = min(v for _, v in valued), max(v for _, v in valued)
     log = low > 0 and high >= 100 * low
     scale = math.log10 if log else float
@@ -136,9 +163,23 @@ def make_plot(rows: tuple[Row, ...]) -> Optional[Plot]:
     return Plot(metric, points, low, high, log)
 
 
+def _thinned(valued: list) -> list:
+    """At most ``PLOT_POINTS`` points, keeping the lowest and highest of each stretch, so the
+    curve's shape and its extremes survive."""
+    if len(valued) <= PLOT_POINTS:
+        return valued
+    stretch = -(-len(valued) // (PLOT_POINTS // 2))
+    kept = []
+    for start in range(0, len(valued), stretch):
+        part = valued[start:start + stretch]
+        ends = {id(min(part, key=lambda rv: rv[1])), id(max(part, key=lambda rv: rv[1]))}
+        kept.extend(rv for rv in part if id(rv) in ends)
+    return kept
+
+
 def _pick_metric(rows: tuple[Row, ...]) -> Optional[str]:
     counts: dict[str, int] = {}
-    for row in rows:
+    for row in rows[-1000:]:  # the recent ones decide
         for key, value in row.checkpoint.metadata.items():
             if _is_number(value):
                 counts[key] = counts.get(key, 0) + 1

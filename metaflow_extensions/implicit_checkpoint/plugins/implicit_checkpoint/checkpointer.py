@@ -11,6 +11,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from . import graph, payloads
 from .exceptions import CheckpointError, CheckpointFormatError, CheckpointNotFound
+from .ids import attempt_of, observe
 from .manifest import FORMAT_VERSION, CheckpointArtifact, TaskLocation, parse_key, read_inline, read_manifest
 from .marks import PINS, RETIRED, is_marked, live_ids, marker_ids, put_marker
 from .store import CheckpointStore
@@ -54,6 +55,10 @@ class Checkpointer:
             self._parsed.clear()
         self._parsed[artifact.key] = artifact
 
+    def known(self, key: str) -> Optional[CheckpointArtifact]:
+        """The checkpoint if this process already parsed (or saved) it: manifests never change."""
+        return self._parsed.get(key)
+
     # ----- reading -----------------------------------------------------------------------
     def read(self, key: str) -> CheckpointArtifact:
         """The checkpoint with this key, from its manifest alone (payloads are not read)."""
@@ -61,6 +66,7 @@ class Checkpointer:
 
     def _read_stored(self, key: str) -> tuple[CheckpointArtifact, dict]:
         loc, checkpoint_id = parse_key(key)
+        observe([checkpoint_id])  # what this process saves next is newer (ids.py)
         data = self._raw.pop(key, None) or self.store.get_manifest(loc, checkpoint_id)
         url = self.store.manifest_url(loc, checkpoint_id)
         return read_manifest(data, url, self.store.sealer, key), read_inline(data, url)
@@ -95,13 +101,14 @@ class Checkpointer:
         return artifact, graph.decode(body, buffers, entries, wanted, artifact.key)
 
     def list(self, loc: TaskLocation, name: Optional[str] = None, attempt: Optional[int] = None) -> list[CheckpointArtifact]:
-        """A task's checkpoints over all its attempts, newest first by creation time (deleted
-        ones hidden, ``pinned`` filled in)."""
-        ids = live_ids(self.store, loc)
+        """A task's checkpoints over all its attempts, newest first (``ids.py``: by attempt, then
+        the order the attempt saved them, whatever the clocks said; deleted ones hidden,
+        ``pinned`` filled in)."""
+        found_ids = live_ids(self.store, loc)  # oldest first
         if attempt is not None:
-            ids = [i for i in ids if _attempt_of(i) == attempt]
-        found = [a for a in self._read_many(loc, reversed(ids)) if name is None or a.name == name]
-        return _with_pins(sorted(found, key=lambda a: a.created_on, reverse=True), loc, self.store)
+            found_ids = [i for i in found_ids if attempt_of(i) == attempt]
+        found = [a for a in self._read_many(loc, reversed(found_ids)) if name is None or a.name == name]
+        return _with_pins(found, loc, self.store)
 
     def find_resumable(
         self, loc: TaskLocation, attempt: int, *, other_runs: bool, namespace: Optional[str]
@@ -115,7 +122,7 @@ class Checkpointer:
         self, loc: TaskLocation, attempt: int, *, other_runs: bool, namespace: Optional[str]
     ) -> Iterator[CheckpointArtifact]:
         """Every checkpoint ``find_resumable`` could pick, best first (to fall back on)."""
-        own = [i for i in reversed(live_ids(self.store, loc)) if _attempt_of(i) < attempt]
+        own = [i for i in reversed(live_ids(self.store, loc)) if attempt_of(i) < attempt]
         for start in range(0, len(own), 16):  # newest first, a few manifests at a time
             yield from (a for a in self._read_many(loc, own[start:start + 16]) if a.latest)
         if not other_runs:
@@ -151,5 +158,3 @@ def _with_pins(found: list[CheckpointArtifact], loc: TaskLocation, store) -> lis
     return [a if a.pinned == p else replace(a, pinned=p) for a, p in zip(found, pinned)]
 
 
-def _attempt_of(checkpoint_id: str) -> int:
-    return int(checkpoint_id.split("-")[1][1:])

@@ -8,26 +8,55 @@ when no manifest references it. In this order:
    which readers may still load) and collect the payload hashes they reference;
 3. purge the manifests retired longer than the grace period ago (manifest, then tombstone);
 4. delete the payloads no remaining manifest references that are also older than the grace
-   period (a save in progress has written payloads but not yet its manifest; they are young).
+   period (a save in progress has written payloads but not yet its manifest; they are young),
+   each after a last look at its age (step 4 below).
 
 Nothing is deleted before every remaining manifest was read, so an unreadable one stops gc
 with nothing changed; manifests go before payloads, so a crash in between leaves only
 unreferenced payloads (the next gc removes them), never a manifest missing its payloads.
-Small payloads live inside their manifests (writer.py) and go with them. Stale temporary files
-of crashed local writes are removed like unreferenced payloads. Deletes are batched (one
-request per 1000 objects on object stores).
+Small payloads live inside their manifests (writer.py) and go with them. Deletes are batched
+(one request per 1000 objects on object stores). Ages are by the storage's clock
+(``CheckpointStore.now``): a gc host whose clock runs ahead deletes nothing early.
+
+Why gc never deletes a payload under a concurrent save. The listing of step 1 is old news by
+step 4: meanwhile a save may have decided to reference a payload gc found old and unreferenced,
+and committed a manifest gc never read. So the save and gc each look at the payload's age:
+
+- a save references a stored payload only when it is young: on a local disk it first gives it a
+  new mtime; on object stores it uses it only if it is younger than ``store.REUSE_SECONDS``
+  (10 minutes), else writes it again (store.py). What a task knows to exist is trusted no
+  longer than that;
+- gc deletes a payload only if it is still old at its last look. On a local disk that look
+  cannot race the save: gc first renames the payload aside (atomic), then reads the mtime of
+  what it moved. If a save freshened it before the rename, gc sees it young and puts it back;
+  a save coming after the rename finds it gone and writes it again. On object stores gc reads
+  the payload's age again just before deleting it, and deletes nothing younger than the grace.
+
+So a payload a save references is younger than 10 minutes (20 when known from an earlier
+save) when the save checks it, while gc deletes only what is older than the grace (an hour by
+default): the guarantee holds for any save that commits within the grace minus 20 minutes of
+its check. One window is left on object stores, which cannot delete "only if unchanged": a save
+that *rewrites* a payload older than the grace in the instant between gc's last look and its
+delete. That needs the same hour-old payload to be both reused and collected within milliseconds.
+
+A temporary file of an unfinished local write is removed only once older than the grace, and
+the progress says so; a save whose temporary file vanished under it (``gc --grace 0`` while saves
+run) fails saying that, not that the folder does not exist.
 """
 from __future__ import annotations
 
+import os
 import posixpath
-import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .exceptions import CheckpointError
 from .manifest import read_manifest
-from .marks import GRACE_SECONDS, PINS, RETIRED, mtime_of, remove_paths
-from .store import EMPTY_DIGEST, CheckpointStore
+from .ids import is_id
+from .marks import GRACE_SECONDS, PINS, RETIRED, remove_paths
+from .store import EMPTY_DIGEST, CheckpointStore, mtime_of
 
 Progress = Callable[[str], None]
 _READ_BATCH = 256
@@ -49,6 +78,7 @@ class GcReport:
     freed_payloads: int  # unreferenced payloads (and stale temporary files) deleted
     freed_bytes: int
     young_unreferenced: int  # unreferenced payloads kept because younger than the grace
+    reused_meanwhile: int = 0  # found old and unreferenced, but a save reused them before the delete
 
 
 @dataclass
@@ -62,7 +92,7 @@ class _Inventory:
 def flows_under(store: CheckpointStore) -> list[str]:
     """Names of the flows that have storage under the root."""
     try:
-        entries = store.fs.ls(store.root, detail=True)
+        entries = store.ls_detail(store.root)
     except FileNotFoundError:
         return []
     return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
@@ -82,38 +112,43 @@ def collect(
     sizes, referenced = _read_references(store, list(remaining.values()), progress)
     unreferenced = {d: v for d, v in inv.payloads.items() if d not in referenced}
     doomed = [path for path, _, age in unreferenced.values() if age >= grace]
-    doomed += [path for path, _, age in inv.temp if age >= grace]
+    stale = [path for path, _, age in inv.temp if age >= grace]
     freed = sum(s for p, s, a in list(unreferenced.values()) + inv.temp if a >= grace)
+    spared = 0
     if not dry_run:
         _purge(store, inv, expired, grace, progress)
         if doomed:
             progress(f"  deleting {len(doomed)} unreferenced payloads ...")
-        remove_paths(store, doomed, lambda done, total: progress(f"  deleted {done}/{total}"))
+        spared = _delete_if_still_old(store, flow, doomed, grace, progress)
+        if spared:
+            progress(f"  kept {spared} of them: a save reused them meanwhile")
+        if stale:
+            progress(f"  removing {len(stale)} temporary files of writes unfinished for longer than the grace ...")
+        remove_paths(store, stale)
     return GcReport(
         flow=flow, url=url, dry_run=dry_run, checkpoints=len(remaining),
         retired_waiting=len(set(_retired(inv)) & remaining.keys()), purged=len(expired),
         logical_bytes=sum(sizes), payloads=len(inv.payloads),
         physical_bytes=sum(size for _, size, _ in inv.payloads.values()),
-        freed_payloads=len(doomed), freed_bytes=freed,
+        freed_payloads=len(doomed) + len(stale) - spared, freed_bytes=freed,
         young_unreferenced=sum(1 for _, _, age in unreferenced.values() if age < grace),
+        reused_meanwhile=spared,
     )
 
 
 def _inventory(store: CheckpointStore, flow: str) -> _Inventory:
     base = store.flow_path(flow)
-    try:
-        infos = store.fs.find(base, detail=True)
-    except FileNotFoundError:
-        infos = {}
-    now, inv = time.time(), _Inventory()
-    for path, info in infos.items():
+    now, inv = store.now(flow), _Inventory()  # the storage's clock, read before the listing
+    for path, info in store.find(base).items():
+        if info.get("type") not in (None, "file"):
+            continue  # a FIFO, a device, a link...: not ours, never read
         rel = posixpath.relpath(path, base).split("/")
         size, age = int(info.get("size") or 0), now - mtime_of(info)
         if rel[-1].endswith(".tmp"):
             inv.temp.append((path, size, age))
         elif rel[0] == "objects" and len(rel) == 3 and rel[2] != EMPTY_DIGEST:
             inv.payloads[rel[2]] = (path, size, age)  # (the empty one is the write probe: kept)
-        elif rel[0] == "steps" and len(rel) == 6 and rel[5].endswith(".json"):
+        elif rel[0] == "steps" and len(rel) == 6 and rel[5].endswith(".json") and is_id(rel[5][:-5]):
             inv.manifests[("/".join(rel[1:5]), rel[5][:-5])] = path
         elif rel[0] == "steps" and len(rel) == 7 and rel[5] in (PINS, RETIRED):
             inv.markers[(rel[5], "/".join(rel[1:5]), rel[6])] = (path, age)
@@ -134,7 +169,7 @@ def _read_references(store: CheckpointStore, paths: list[str], progress: Progres
     sizes, referenced = [], set()
     for start in range(0, len(paths), _READ_BATCH):
         batch = paths[start:start + _READ_BATCH]
-        for path, data in store.fs.cat(batch, on_error="return").items():
+        for path, data in store.cat_many(batch).items():
             if isinstance(data, FileNotFoundError):
                 continue  # purged meanwhile by its task's retention
             if isinstance(data, Exception):
@@ -166,3 +201,38 @@ def _purge(store: CheckpointStore, inv: _Inventory, expired: set, grace: float, 
         progress(f"  purging {len(expired)} retired checkpoints ...")
     remove_paths(store, [inv.manifests[k] for k in expired if k in inv.manifests])
     remove_paths(store, stale)
+
+
+def _delete_if_still_old(store: CheckpointStore, flow: str, paths: list[str], grace: float, progress: Progress) -> int:
+    """Delete payloads found old and unreferenced, each after a last look at its age (see the
+    module docstring); return how many a save made young again meanwhile."""
+    if store.is_local:
+        spared = sum(not _delete_local_if_still_old(store, flow, path, grace) for path in paths)
+    else:
+        def still_old(path: str) -> bool:
+            try:
+                return store.now(flow) - mtime_of(store.info(path)) >= grace
+            except FileNotFoundError:
+                return False
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            old = [p for p, ok in zip(paths, pool.map(still_old, paths)) if ok]
+        spared = len(paths) - len(old)
+        paths = old
+    if not store.is_local:
+        remove_paths(store, paths, lambda done, total: progress(f"  deleted {done}/{total}"))
+    return spared
+
+
+def _delete_local_if_still_old(store: CheckpointStore, flow: str, path: str, grace: float) -> bool:
+    """Move the payload aside, then judge what was moved: a save's mtime refresh either came
+    before the move (seen here: the payload is put back) or finds it gone (and rewrites it)."""
+    aside = f"{path}.{uuid.uuid4().hex}.gc.tmp"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return True
+    if store.now(flow) - os.lstat(aside).st_mtime < grace:
+        os.replace(aside, path)  # young again: reused meanwhile (a rewrite there holds the same bytes)
+        return False
+    os.unlink(aside)
+    return True

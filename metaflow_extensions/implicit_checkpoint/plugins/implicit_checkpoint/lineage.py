@@ -17,8 +17,9 @@ from .manifest import CheckpointArtifact, parse_key
 from .marks import RETIRED, marker_ids
 
 
-def lineage(checkpointer: Checkpointer, key: str) -> list[CheckpointArtifact]:
-    """The ancestors of ``key``, oldest first, ending with the checkpoint itself.
+def lineage(checkpointer: Checkpointer, key: str, limit: Optional[int] = None) -> list[CheckpointArtifact]:
+    """The ancestors of ``key``, oldest first, ending with the checkpoint itself; with
+    ``limit``, only that many of the nearest (a task's chain can be 10,000 saves long).
 
     Deleted ancestors are skipped (see the module docstring). A chain stops early, with a
     warning, when the checkpoint an attempt resumed from can no longer be read.
@@ -27,7 +28,7 @@ def lineage(checkpointer: Checkpointer, key: str) -> list[CheckpointArtifact]:
     seen = {key}
     retired: dict[str, set[str]] = {}  # task folder -> retired ids, listed once per task
     next_key, jumped = chain[0].parent, False
-    while next_key and next_key not in seen:
+    while next_key and next_key not in seen and (limit is None or len(chain) < limit):
         seen.add(next_key)
         artifact = _read_live(checkpointer, next_key, retired)
         if artifact is not None:
@@ -52,6 +53,6 @@ def _read_live(checkpointer: Checkpointer, key: str, retired: dict[str, set[str]
     if checkpoint_id in retired[folder]:
         return None
     try:
-        return checkpointer.read(key)
+        return checkpointer.known(key) or checkpointer.read(key)
     except CheckpointError:
         return None

@@ -5,7 +5,8 @@ a frozen dataclass with ``to_dict``/``from_dict``; lineage is just the ``parent`
 
 A checkpoint key is ``<flow>/<run>/<step>/<task>/<position>/<checkpoint id>``: the task's
 pathspec, then its foreach position (``root`` outside a foreach, ``2`` or ``2.0`` inside
-nested ones), then an id that sorts by creation time. Given the storage root, the key alone
+nested ones), then its id (``ids.py``: attempt, logical clock, creation second, random). Given the
+storage root, the key alone
 finds the checkpoint. A key is always read relative to one storage root: its parts may not
 contain a separator or start with a dot, so no key names anything outside the root.
 """
@@ -13,14 +14,12 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
-import threading
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
 
 import orjson
 
+from . import ids
 from .exceptions import CheckpointCorrupt, CheckpointFormatError
 from .signing import Sealer
 
@@ -30,10 +29,9 @@ FORMAT = "metaflow-implicit-checkpoint"
 FORMAT_VERSION = 2
 ROOT_POSITION = "root"
 
-_ID_RE = re.compile(r"^\d{8}T\d{12}Z-a\d+-[0-9a-f]{8}$")
 # A part of a key becomes a path segment under the root: no separators, no leading dot ("..").
-_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:=+@-]{0,254}$")
-_ISO = "%Y-%m-%dT%H:%M:%S.%fZ"
+# Matched whole (fullmatch): "$" would let a trailing newline through.
+_PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:=+@-]{0,254}")
 
 
 @dataclass(frozen=True)
@@ -61,33 +59,27 @@ class TaskLocation:
         return ".".join(str(frame[0]) for frame in foreach_stack)
 
 
+def is_key_part(text: str) -> bool:
+    """Whether ``text`` can be one part of a key (a flow, run, step, task or position name)."""
+    return isinstance(text, str) and bool(_PART_RE.fullmatch(text))
+
+
 def parse_key(key: str) -> tuple[TaskLocation, str]:
     """Split a checkpoint key into its task location and checkpoint id."""
     parts = key.split("/") if isinstance(key, str) else []
-    if len(parts) != 6 or not all(_PART_RE.match(p) for p in parts) or not _ID_RE.match(parts[5]):
+    if len(parts) != 6 or not all(_PART_RE.fullmatch(p) for p in parts) or not ids.is_id(parts[5]):
         raise CheckpointFormatError(
             f"{key!r} is not a checkpoint key. A key looks like "
-            "'Flow/run/step/task/position/20260101T000000000000Z-a0-0123abcd'; "
+            f"'Flow/run/step/task/position/{ids.EXAMPLE}'; "
             "take it from CheckpointArtifact.key or current.checkpoint.list()."
         )
     flow, run, step, task, position, checkpoint_id = parts
     return TaskLocation(flow, run, step, task, position), checkpoint_id
 
 
-_ONE_US = timedelta(microseconds=1)
-_clock_lock = threading.Lock()
-_last_stamp = [datetime.min.replace(tzinfo=timezone.utc)]
-
-
 def new_checkpoint_id(attempt: int) -> tuple[str, str]:
     """A fresh (checkpoint id, ISO-8601 created_on) pair, strictly increasing in this process."""
-    with _clock_lock:
-        now = datetime.now(timezone.utc)
-        if now <= _last_stamp[0]:  # same microsecond, or the clock stepped back
-            now = _last_stamp[0] + _ONE_US
-        _last_stamp[0] = now
-    compact = now.strftime("%Y%m%dT%H%M%S%fZ")
-    return f"{compact}-a{attempt}-{secrets.token_hex(4)}", now.strftime(_ISO)
+    return ids.new_id(attempt)
 
 
 @dataclass(frozen=True)
@@ -119,7 +111,8 @@ class FieldEntry:
 class CheckpointArtifact:
     """A checkpoint as plain, serializable data (what ``save``, ``list`` and ``load`` return).
 
-    ``created_on`` is ISO-8601 UTC with microseconds and ``Z``, so strings sort in time order.
+    ``created_on`` is ISO-8601 UTC with microseconds and ``Z``: the writer's clock, shown to
+    people and never used to order checkpoints (``ids.py`` orders them).
     ``metadata`` is exactly the user's dict. ``parent`` is the key of the checkpoint this one
     descends from. ``written`` counts the bytes this save put in storage, its manifest
     included (unchanged payloads are not rewritten); ``url`` is where the manifest lives. ``resumed_from`` is the

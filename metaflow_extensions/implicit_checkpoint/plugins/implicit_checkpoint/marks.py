@@ -16,12 +16,11 @@ by reachability over the whole flow.
 from __future__ import annotations
 
 import posixpath
-import time
-from datetime import datetime, timezone
 from typing import Iterable
 
 from .exceptions import CheckpointNotFound, CheckpointPinned
 from .manifest import TaskLocation, parse_key
+from .ids import task_order
 from .store import CheckpointStore
 
 PINS, RETIRED = "pins", "retired"
@@ -35,25 +34,14 @@ def marker_ids(store: CheckpointStore, loc: TaskLocation, kind: str) -> set[str]
 
 
 def retired_longer_than(store: CheckpointStore, loc: TaskLocation, grace: float) -> list[str]:
-    """Ids of a task's checkpoints whose tombstone is older than ``grace`` seconds. Only
-    checkpoints created before that can qualify, so young ones cost no lookup (ids sort by
-    creation time, as strings)."""
-    cutoff = datetime.fromtimestamp(time.time() - grace, timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    now, old = time.time(), []
-    for checkpoint_id in sorted(marker_ids(store, loc, RETIRED)):
-        if checkpoint_id >= cutoff:
-            break
-        try:
-            info = store.fs.info(_marker_path(store, loc, RETIRED, checkpoint_id))
-        except FileNotFoundError:
-            continue  # purged meanwhile by gc
-        if now - mtime_of(info) >= grace:
-            old.append(checkpoint_id)
-    return old
+    """Ids of a task's checkpoints whose tombstone is older than ``grace`` seconds by the
+    storage's clock (one listing with times; the host's clock plays no part)."""
+    ages = store.ages_in(loc.flow, posixpath.join(store.task_path(loc), RETIRED))
+    return sorted((i for i, age in ages.items() if age >= grace), key=task_order)
 
 
 def is_marked(store: CheckpointStore, loc: TaskLocation, kind: str, checkpoint_id: str) -> bool:
-    return store.fs.exists(_marker_path(store, loc, kind, checkpoint_id))
+    return store.exists(_marker_path(store, loc, kind, checkpoint_id))
 
 
 def live_ids(store: CheckpointStore, loc: TaskLocation) -> list[str]:
@@ -64,9 +52,7 @@ def live_ids(store: CheckpointStore, loc: TaskLocation) -> list[str]:
 
 
 def put_marker(store: CheckpointStore, loc: TaskLocation, kind: str, checkpoint_id: str) -> None:
-    path = _marker_path(store, loc, kind, checkpoint_id)
-    store.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    store.fs.touch(path)  # empty: only its name and its time matter
+    store.touch(_marker_path(store, loc, kind, checkpoint_id))  # empty: only its name and time matter
 
 
 # ----- what users ask for by key (the client and the CLI) ------------------------------------
@@ -114,30 +100,9 @@ def remove_paths(store: CheckpointStore, paths: list[str], progress=None) -> Non
     fine, since a task's retention and gc may purge the same checkpoint."""
     for start in range(0, len(paths), DELETE_BATCH):
         batch = paths[start:start + DELETE_BATCH]
-        try:
-            store.fs.rm(batch)
-        except FileNotFoundError:
-            for path in batch:
-                try:
-                    store.fs.rm_file(path)
-                except FileNotFoundError:
-                    pass
+        store.delete_many(batch)
         if progress is not None:
             progress(start + len(batch), len(paths))
-
-
-def mtime_of(info: dict) -> float:
-    """When an object was last written, from an fsspec listing entry (backends name it
-    differently); unknown counts as now, so nothing is deleted early."""
-    for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        value = info.get(field)
-        if isinstance(value, datetime):
-            return value.timestamp()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str) and value:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    return time.time()
 
 
 def _marker_path(store: CheckpointStore, loc: TaskLocation, kind: str, checkpoint_id: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .cli import EXIT, CliError, Session
+from .manifest import is_key_part
 
 USAGE = "a step, a run id, 'run/step' or 'run/step/task'"
 STANDALONE_USAGE = "'Flow', 'Flow/run', 'Flow/run/step' or 'Flow/run/step/task'"
@@ -43,7 +44,7 @@ def _parts(session: Session, target: Optional[str], latest: bool = True) -> list
     parts = target.strip("/").split("/") if target else []
     if session.flow is not None and (not parts or parts[0] != session.flow):
         parts = [session.flow] + parts
-    if not parts or len(parts) > 4 or not all(parts):
+    if not parts or len(parts) > 4 or not all(map(is_key_part, parts)):  # no "..", no odd names
         usage = USAGE if session.flow else STANDALONE_USAGE
         raise CliError(f"{target!r} is not {usage}.", EXIT["usage"])
     step_only = len(parts) == 2 and parts[1] in session.steps

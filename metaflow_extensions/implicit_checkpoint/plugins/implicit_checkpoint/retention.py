@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from .checkpointer import Checkpointer
 from .exceptions import CheckpointConfigError
+from .ids import task_order
 from .manifest import CheckpointArtifact, TaskLocation
 from .marks import GRACE_SECONDS, PINS, RETIRED, is_marked, purge, put_marker, retired_longer_than
 
@@ -133,7 +134,7 @@ class Retainer:
             self._kept, self._synced = {c.key: c for c in done.kept}, time.monotonic()
             return done
         self._kept.update((c.key, c) for c in saved)
-        checkpoints = sorted(self._kept.values(), key=lambda c: c.created_on, reverse=True)
+        checkpoints = sorted(self._kept.values(), key=lambda c: task_order(c.key.rsplit("/", 1)[1]), reverse=True)
         keep, store, retired = kept_keys(checkpoints, self._policy, loaded), self._checkpointer.store, []
         for c in checkpoints:
             if c.key in keep:

@@ -6,12 +6,15 @@ full jitter (each wait is uniform in ``[0, min(cap, base * 2**n)]``, so a fleet 
 together does not retry in lockstep), and no new attempt once ``deadline`` seconds would pass.
 Anything that is not transient (missing object, access denied, bad request) is raised at once.
 
-The S3 client's own retries are turned off (see ``storage_options``) so that this bound holds.
+The S3 client's own retries are turned off (see ``storage_options``) so that this bound holds, and
+no call may outlast its own time limit (``within``): a hung endpoint fails a save within the
+deadline plus one call's limit, instead of waiting forever for an answer.
 """
 from __future__ import annotations
 
 import errno
 import random
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -105,3 +108,30 @@ class RetryPolicy:
                 if on_retry is not None:
                     on_retry(exc)
                 time.sleep(delay)
+
+
+class CallTimedOut(TimeoutError):
+    """A storage call got no answer within its time limit (a transient fault: retried)."""
+
+
+def within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """``fn()``, but give up waiting after ``seconds``: a hung endpoint (a connection accepted
+    and never answered) must not hold a save past its deadline. The call runs in a daemon
+    thread that is abandoned if it overruns; what it was doing is retried or reported."""
+    box: dict = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="checkpoint-storage-call", daemon=True).start()
+    if not done.wait(seconds):
+        raise CallTimedOut(f"no answer within {seconds:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

@@ -64,11 +64,11 @@ class Sealer:
         signature = seal.get("hmac-sha256")
         if not isinstance(signature, str):
             raise CheckpointUntrusted(
-                f"The manifest at {url} is not signed, and ${self.env} is set: only checkpoints "
+                f"The manifest at {url} is not signed, and ${self.env or SECRET_ENV} is set: only checkpoints "
                 "signed with that secret are loaded. None of its payloads was read."
             )
         if not hmac.compare_digest(signature, hmac.new(key, data, hashlib.sha256).hexdigest()):
             raise CheckpointUntrusted(
-                f"The manifest at {url} is signed with another secret than ${self.env}, or was "
+                f"The manifest at {url} is signed with another secret than ${self.env or SECRET_ENV}, or was "
                 "altered: it is refused and none of its payloads was read."
             )

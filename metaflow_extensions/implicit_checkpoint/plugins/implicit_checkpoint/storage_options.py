@@ -28,8 +28,9 @@ def storage_options(url: str) -> dict:
     options = {
         "client_kwargs": client_kwargs,
         # retry.RetryPolicy is the one retry layer, so its time bound holds: botocore's own
-        # retries are off and a dead endpoint is given up on after 10 s per try.
-        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 10},
+        # retries are off (s3fs's too, see store.py), a dead endpoint is given up on after 10 s
+        # per try and a silent one after 20 s without a byte (store.py also bounds each call).
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 10, "read_timeout": 20},
         # A listing must show what other processes committed a moment ago.
         "use_listings_cache": False,
     }

@@ -24,7 +24,17 @@ instead, so a save of small attributes writes one object.
 On S3 and memory a manifest is put "create only" (``If-None-Match: *``), so a committed one is
 never replaced; a retry finding equal bytes there knows its lost-answer put landed. Payloads are
 put plainly: writers of one hash write the same bytes. Every call is retried through transient
-faults (``retry.py``); a failure is a ``CheckpointStorageError`` naming the URL.
+faults and bounded in time (``retry.py``: a remote call gets ``CALL_SECONDS``, an upload one more
+second per MiB); a failure is a ``CheckpointStorageError`` naming the URL.
+
+A save references a payload that is already stored only while gc is sure to spare it (gc.py):
+on a local disk it gives the payload a new mtime first; on object stores only if the payload is
+younger than ``REUSE_SECONDS`` by the storage's clock (else it is written again, which makes it
+young). What this process knows to exist is trusted no longer than that. Ages are measured with
+the storage's clock (``now``), never the host's: the two may disagree by hours.
+
+Locally, only regular files inside the root are read (``localfs.py``): a FIFO or a device where
+a manifest or payload belongs is refused without blocking.
 
 Listing a task's checkpoints lists one directory; finding the newest checkpoint of a foreach
 position across runs lists that position's folder, not the whole store.
@@ -38,13 +48,18 @@ import io
 import os
 import posixpath
 import re
+import stat
 import time
 import uuid
+import warnings
+from datetime import datetime
 from typing import IO, Any, Callable, Iterable, Optional, Sequence
 
 import fsspec
 import xxhash
 
+from . import ids
+from .localfs import open_file, read_small_file
 from .exceptions import (
     CheckpointConfigError,
     CheckpointCorrupt,
@@ -54,7 +69,7 @@ from .exceptions import (
     CheckpointStorageError,
 )
 from .manifest import TaskLocation
-from .retry import GaveUp, RetryPolicy
+from .retry import GaveUp, RetryPolicy, within
 from .signing import Sealer
 
 # xxh3-128 hashes at memory speed (~30 GB/s), so content addressing costs the save almost
@@ -65,14 +80,16 @@ INLINE_MAX = 4096
 _LOCAL_PROTOCOLS = {"file", "local"}
 _PROCESS_LOCAL = {"memory"}
 _CREATE_ONLY_PROTOCOLS = {"s3", "s3a", "memory"}  # an atomic put-if-absent is implemented
-_DIGEST_RE = re.compile(r"^[0-9a-f]{32}(?:[0-9a-f]{32})?$")  # xxh3-128 or sha256, hex
+_DIGEST_RE = re.compile(r"[0-9a-f]{32}(?:[0-9a-f]{32})?")  # xxh3-128 or sha256, hex
 EMPTY_DIGEST = xxhash.xxh3_128(b"").hexdigest()
 NOT_SAVED = " This checkpoint was not saved; earlier checkpoints are untouched."
 # A put whose answer never came may still have landed: then the checkpoint is complete and listed.
 MAYBE_SAVED = " Earlier checkpoints are untouched; this one is listed only if a try landed unanswered."
-# Payloads known to exist are checked again after this long, so a long task never trusts a
-# payload that gc (whose default grace period is an hour) may have deleted meanwhile.
-KNOWN_TTL = 600.0
+# A stored payload is referenced as it is only if it was written (or found written) less than
+# this long ago by the storage's clock; gc's default grace (an hour) leaves a save 50 minutes.
+REUSE_SECONDS = 600.0
+CALL_SECONDS = 30.0  # longest wait for one remote call's answer (uploads: plus 1 s per MiB)
+_UPLOAD_RATE = 1 << 20  # bytes per second an upload is granted on top of CALL_SECONDS
 
 
 def content_hash(parts: Sequence, algorithm: str = HASH_NAME) -> str:
@@ -110,9 +127,12 @@ class CheckpointStore:
         self._create_only = bool(protocols & _CREATE_ONLY_PROTOCOLS)
         self.retry, self.sealer = retry, sealer
         self.retried = 0  # transient faults retried so far (reported by benchmarks)
-        self._known: set[str] = set()  # payload hashes seen present, to skip existence checks
-        self._known_since = time.monotonic()
+        # payload hash -> storage time it was last known written (the payload is no older)
+        self._known: dict[str, float] = {}
+        self._clock_offset: Optional[float] = None  # storage clock minus this host's
         self._writable: set[str] = set()  # flows whose storage was found writable
+        if "s3" in protocols:
+            self.fs.retries = 1  # s3fs's own retry loop would outlast our deadline
 
     @property
     def hash_name(self) -> str:
@@ -126,20 +146,53 @@ class CheckpointStore:
             return self
         options = {**self._options, "skip_instance_cache": True}
         fresh = CheckpointStore(self.url, options, retry=self.retry, sealer=self.sealer)
-        fresh._known, fresh._known_since = set(self._known), self._known_since
+        fresh._known, fresh._clock_offset = dict(self._known), self._clock_offset
         fresh._writable = set(self._writable)
         return fresh
 
-    def remember(self, digests: Iterable[str]) -> None:
-        """Note payloads another process wrote, so they are not checked for again."""
-        self._known.update(digests)
+    def known(self) -> dict[str, float]:
+        """Payloads known to exist, with the storage time each was last known written."""
+        return dict(self._known)
+
+    def remember(self, known: dict[str, float]) -> None:
+        """Note payloads another process found or wrote (its ``known()``), so they are not
+        checked for again while they are young enough to reuse."""
+        for digest, written in known.items():
+            self._known[digest] = max(written, self._known.get(digest, written))
+
+    # ----- the storage's clock -----------------------------------------------------------
+    def now(self, flow: str) -> float:
+        """The storage's time now (seconds since the epoch), by which stored objects age. It is
+        measured once per store, from the mtime of an object written for it: a host whose own
+        clock is off (a gc host an hour ahead) still ages objects right."""
+        if self._clock_offset is None:
+            self._probe(flow)
+        return time.time() + self._clock_offset
+
+    def _probe(self, flow: str) -> None:
+        """Write the empty payload (a real object of the layout, so nothing foreign is left)
+        and read back its mtime."""
+        path = self._object_path(flow, EMPTY_DIGEST)
+        where = f"Cannot write checkpoints under {self.url}"
+        hint = " Check the root URL, the credentials and, for S3, the endpoint (METAFLOW_S3_ENDPOINT_URL)."
+        before = time.time()
+        self._io(where, lambda: self._write_whole(path, [b""]), hint)
+        written = mtime_of(self._io(where, lambda: self.fs.info(path), hint))
+        if written == int(written):
+            written += 1.0  # S3 truncates times to the second: ages may be a second long, never short
+        offset = written - (before + time.time()) / 2 if self.shared_across_processes else 0.0
+        # Under a second apart is one clock read at different resolutions (a local disk stamps
+        # files with a coarse clock): no offset, so a file just written is never "from the future".
+        self._clock_offset = offset if abs(offset) >= 1.0 else 0.0
+        self._writable.add(flow)
+        self._known[EMPTY_DIGEST] = written
 
     # ----- paths -------------------------------------------------------------------------
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
     def _object_path(self, flow: str, digest: str) -> str:
-        if not _DIGEST_RE.match(digest):  # a hostile manifest must not steer reads elsewhere
+        if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):  # a hostile manifest must not steer reads elsewhere
             raise CheckpointCorrupt(f"{digest!r} is not a payload digest.")
         return self._path(flow, "objects", digest[:2], digest)
 
@@ -159,18 +212,32 @@ class CheckpointStore:
     def put_object(self, flow: str, digest: str, parts: Sequence) -> int:
         """Store a payload (written part after part, no joining copy) under its hash unless
         present; return the bytes written."""
-        if time.monotonic() - self._known_since > KNOWN_TTL:
-            self._known, self._known_since = set(), time.monotonic()
-        if digest in self._known:
-            return 0
         path = self._object_path(flow, digest)
         where = f"Could not write payload {self._url(path)}"
-        if self._io(where, lambda: self.fs.exists(path), NOT_SAVED) and self._freshen(path):
-            self._known.add(digest)
+        if self._reusable(flow, digest, path, where):
             return 0
-        self._io(where, lambda: self._write_whole(path, parts), NOT_SAVED)
-        self._known.add(digest)
-        return sum(memoryview(p).nbytes for p in parts)
+        size = sum(memoryview(p).nbytes for p in parts)
+        timeout = CALL_SECONDS + size / _UPLOAD_RATE
+        self._io(where, lambda: self._write_whole(path, parts), NOT_SAVED, timeout=timeout)
+        self._known[digest] = self.now(flow)
+        return size
+
+    def _reusable(self, flow: str, digest: str, path: str, where: str) -> bool:
+        """Whether the stored payload can be referenced as it is: only while gc is sure to
+        spare it (see the module docstring and gc.py)."""
+        if self.is_local:
+            return self._freshen(path)  # one syscall, and the payload is young again
+        now = self.now(flow)
+        if now - self._known.get(digest, -REUSE_SECONDS) < REUSE_SECONDS:
+            return True
+        try:
+            written = mtime_of(self._io(where, lambda: self.fs.info(path), NOT_SAVED, missing_ok=True))
+        except FileNotFoundError:
+            return False
+        if now - written >= REUSE_SECONDS:
+            return False  # old: gc may be about to delete it; write it again instead
+        self._known[digest] = written
+        return True
 
     def open_object(self, flow: str, digest: str) -> IO[bytes]:
         """A payload to read: the file itself on a local disk (read straight into place),
@@ -178,7 +245,7 @@ class CheckpointStore:
         path = self._object_path(flow, digest)
         try:
             if self.is_local:
-                return open(path, "rb", buffering=0)  # reads go straight into the buffers
+                return open_file(path, self.root)
             return io.BytesIO(self._read(path, lambda: self.fs.cat_file(path)))
         except FileNotFoundError:
             raise CheckpointNotFound(f"payload {digest} is missing from {self.url}") from None
@@ -194,6 +261,11 @@ class CheckpointStore:
     def get_manifest(self, loc: TaskLocation, checkpoint_id: str) -> bytes:
         path = self._manifest_path(loc, checkpoint_id)
         try:
+            if self.is_local:
+                data = read_small_file(path, self.root)
+                if data is None:
+                    raise FileNotFoundError(path)
+                return data
             return self._read(path, lambda: self.fs.cat_file(path))
         except FileNotFoundError:
             raise CheckpointNotFound(
@@ -207,7 +279,11 @@ class CheckpointStore:
         paths = [f"{folder}/{i}.json" for i in ids]
         if self.is_local:
             for checkpoint_id, path in zip(ids, paths):
-                yield checkpoint_id, _read_small_file(path)
+                try:
+                    yield checkpoint_id, read_small_file(path, self.root)
+                except CheckpointCorrupt as exc:
+                    warnings.warn(f"Skipping checkpoint {loc.key(checkpoint_id)}: {exc}")
+                    yield checkpoint_id, None
             return
         found = self._read(self._url(folder), lambda: self.fs.cat(paths, on_error="return")) if paths else {}
         for checkpoint_id, path in zip(ids, paths):
@@ -219,8 +295,10 @@ class CheckpointStore:
         return self.fs.unstrip_protocol(self._task_dir(loc))
 
     def list_task(self, loc: TaskLocation) -> list[str]:
-        """Checkpoint ids of one task (all attempts), oldest first."""
-        return sorted(self._ids(self._ls(self._task_dir(loc))))
+        """Checkpoint ids of one task (all attempts), oldest first (``ids.task_order``: by attempt,
+        then by the logical clock; never by a wall clock). Seeing them advances this process's
+        logical clock past them."""
+        return ids.in_task_order(self._names(self._ls(self._task_dir(loc))))
 
     def list_position(self, flow: str, step: str, position: str) -> list[tuple[TaskLocation, str]]:
         """(location, checkpoint id) of every checkpoint of a foreach position, all runs."""
@@ -232,10 +310,11 @@ class CheckpointStore:
         found = []
         for path in paths:
             rel = posixpath.relpath(path, base).split("/")
-            if len(rel) == 3 and rel[2].endswith(".json"):
+            if len(rel) == 3 and rel[2].endswith(".json") and ids.is_id(rel[2][:-5]):
                 run, task, name = rel
                 found.append((TaskLocation(flow, run, step, task, position), name[:-5]))
-        return sorted(found, key=lambda item: item[1])
+        ids.observe(i for _, i in found)
+        return sorted(found, key=lambda item: ids.run_order(item[1], item[0].run))
 
     def check_writable(self, flow: str) -> None:
         """Fail now, naming the root, if it cannot be written (no such bucket, no access, an
@@ -243,24 +322,22 @@ class CheckpointStore:
 
         It writes the empty payload: a real object of the layout, so nothing foreign is left.
         """
-        if flow in self._writable:
-            return
-        path = self._object_path(flow, EMPTY_DIGEST)
-        self._io(
-            f"Cannot write checkpoints under {self.url}",
-            lambda: self._write_whole(path, [b""]),
-            " Check the root URL, the credentials and, for S3, the endpoint (METAFLOW_S3_ENDPOINT_URL).",
-        )
-        self._writable.add(flow)
-        self._known.add(EMPTY_DIGEST)
+        if flow not in self._writable:
+            self._probe(flow)  # also reads the storage's clock
 
     # ----- internals ---------------------------------------------------------------------
     def _read(self, path: str, call: Callable[[], Any]) -> Any:
         """A read: something missing raises FileNotFoundError, for the caller to interpret."""
         return self._io(f"Could not read {self._url(path)}", call, missing_ok=True)
 
-    def _io(self, what: str, call: Callable[[], Any], hint: str = "", missing_ok: bool = False) -> Any:
-        """One storage call, retried through transient faults; a failure names the URL."""
+    def _io(
+        self, what: str, call: Callable[[], Any], hint: str = "", missing_ok: bool = False,
+        timeout: float = CALL_SECONDS,
+    ) -> Any:
+        """One storage call, retried through transient faults, each try bounded by ``timeout``
+        (remote stores); a failure names the URL."""
+        if not self.is_local and self.shared_across_processes:
+            call = functools.partial(within, timeout, call)
         try:
             return self.retry.call(call, on_retry=self._count_retry)
         except CheckpointError:
@@ -285,10 +362,10 @@ class CheckpointStore:
         except FileNotFoundError:
             return []
 
-    @staticmethod
-    def _ids(paths: Iterable[str]) -> Iterable[str]:
+    def _names(self, paths: Iterable[str]) -> Iterable[str]:
+        """What may be checkpoint ids: names of ``.json`` entries, without the suffix."""
         for path in paths:
-            name = posixpath.basename(path.rstrip("/"))
+            name = path if self.is_local else posixpath.basename(path.rstrip("/"))
             if name.endswith(".json"):
                 yield name[:-5]
 
@@ -304,7 +381,16 @@ class CheckpointStore:
             with open(tmp, "wb", buffering=0) as f:  # unbuffered: big views go straight to the OS
                 for part in parts:
                     _write_all(f, part)
-            self.fs.mv(tmp, path)  # rename: atomic on POSIX
+            try:
+                self.fs.mv(tmp, path)  # rename: atomic on POSIX
+            except FileNotFoundError:
+                if os.path.isdir(posixpath.dirname(path)):
+                    raise CheckpointSaveError(
+                        f"The temporary file {tmp} vanished before it was renamed into place: "
+                        "something deleted it while it was being written (gc run with a grace "
+                        "period shorter than this save took, such as `gc --grace 0`?)." + NOT_SAVED
+                    ) from None
+                raise
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)  # plainly: a failing cleanup must not hide the original error
@@ -338,34 +424,92 @@ class CheckpointStore:
         return [posixpath.basename(p.rstrip("/")) for p in self._ls(path)]
 
     def _freshen(self, path: str) -> bool:
-        """Give a reused payload a new mtime, so gc's grace period protects it like a new one
-        (as git freshens reused objects); False if it vanished meanwhile. Object stores cannot
-        touch an object cheaply, so there only the payload's age counts (see README, gc)."""
-        if not self.is_local:
-            return True
+        """Give a reused local payload a new mtime, so gc's grace period protects it like a new
+        one (as git freshens reused objects); False if it vanished meanwhile (gc moves a payload
+        away before deleting it, so this and gc's last look cannot cross: see gc.py), or if
+        something other than a regular file sits there (it is then written over)."""
         try:
-            os.utime(path)
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return False
+            os.utime(path, follow_symlinks=False)
             return True
         except FileNotFoundError:
             return False
 
+    # ----- one door for the lifecycle modules: retried, bounded, naming the URL ----------
+    def exists(self, path: str) -> bool:
+        return self._io(f"Could not look up {self._url(path)}", lambda: self.fs.exists(path))
 
-def _read_small_file(path: str) -> Optional[bytes]:
-    """A whole (small) file in one read, or None if it is gone."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        data = os.read(fd, 1 << 16)
-        if len(data) < 1 << 16:
-            return data  # a manifest, nearly always: one read
-        chunks = [data]
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    def touch(self, path: str) -> None:
+        """An empty marker object (its name and time are what matter)."""
+        def put() -> None:
+            if self.is_local:
+                os.makedirs(posixpath.dirname(path), exist_ok=True)
+            self.fs.pipe_file(path, b"")
+        self._io(f"Could not write {self._url(path)}", put)
+
+    def info(self, path: str) -> dict:
+        """An object's listing entry; FileNotFoundError if there is none."""
+        return self._read(path, lambda: self.fs.info(path))
+
+    def ls_detail(self, path: str) -> list[dict]:
+        """The listing entries of a folder (FileNotFoundError if there is none)."""
+        return self._read(path, lambda: self.fs.ls(path, detail=True))
+
+    def find(self, base: str) -> dict[str, dict]:
+        """Every object under ``base`` with its listing entry ({} if there is none)."""
+        try:
+            return self._read(base, lambda: self.fs.find(base, detail=True))
+        except FileNotFoundError:
+            return {}
+
+    def ages_in(self, flow: str, path: str) -> dict[str, float]:
+        """Name -> age in seconds (by the storage's clock) of the entries of a folder."""
+        try:
+            entries = self.ls_detail(path)
+        except FileNotFoundError:
+            return {}
+        now = self.now(flow)
+        return {posixpath.basename(e["name"].rstrip("/")): now - mtime_of(e) for e in entries}
+
+    def cat_many(self, paths: list[str]) -> dict[str, Any]:
+        """path -> bytes, or the exception met reading it (FileNotFoundError if gone)."""
+        if not self.is_local:
+            return self._read(self.root, lambda: self.fs.cat(paths, on_error="return"))
+        found: dict[str, Any] = {}
+        for path in paths:
+            try:
+                data = read_small_file(path, self.root)
+                found[path] = FileNotFoundError(path) if data is None else data
+            except (OSError, CheckpointError) as exc:
+                found[path] = exc
+        return found
+
+    def delete_many(self, paths: list[str]) -> None:
+        """Delete objects (one request on object stores); missing ones are fine."""
+        def rm() -> None:
+            try:
+                self.fs.rm(paths)
+            except FileNotFoundError:
+                for path in paths:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(path)
+        if paths:
+            self._io(f"Could not delete under {self.url}", rm)
+
+
+def mtime_of(info: dict) -> float:
+    """When an object was last written, from an fsspec listing entry (backends name it
+    differently); unknown counts as now, so nothing is deleted early."""
+    for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(field)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str) and value:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return time.time()
 
 
 def _write_all(f, part) -> None:
