@@ -90,8 +90,9 @@ def shared_root_url(request, tmp_path):
 class FlowRun:
     """The outcome of one `python flow.py ...` subprocess."""
 
-    def __init__(self, proc: subprocess.CompletedProcess):
+    def __init__(self, proc: subprocess.CompletedProcess, flow_file: str = ""):
         self.proc = proc
+        self.flow_file = flow_file
         self.output = proc.stdout + proc.stderr
         match = re.search(r"run-id (\S+?)\)?:", self.output)
         self.run_id = match.group(1) if match else None
@@ -130,7 +131,7 @@ def run_flow(metaflow_home):
             [sys.executable, str(flow_file), "--no-pylint", *args],
             cwd=metaflow_home, env=full_env, capture_output=True, text=True, timeout=300,
         )
-        result = FlowRun(proc)
+        result = FlowRun(proc, str(flow_file))
         if expect_ok is not None:
             assert result.ok == expect_ok, result.output[-4000:]
         return result

@@ -72,8 +72,9 @@ def encode(serializer: Serializer, name: str, value: Any, where: str) -> Encoded
     except Exception as exc:
         raise CheckpointSaveError(
             f"Cannot checkpoint self.{name} ({type_name(value)}) in {where}: {str(exc).rstrip('.')}. "
-            f"Leave it out with @checkpoint(exclude=[{name!r}]) and recreate it after "
-            "load(). Earlier checkpoints are untouched."
+            f"Metaflow too pickles every attribute of self when the step ends, so keep it off self "
+            f"(a local variable), or `del self.{name}` before the step ends and leave it out of checkpoints with "
+            f"@checkpoint(exclude=[{name!r}]). Earlier checkpoints are untouched."
         ) from exc
     lengths = [len(body)] + [v.nbytes for v in views]
     header = _PREFIX.pack(_MAGIC, len(views)) + struct.pack(f"<{len(lengths)}Q", *lengths)
