@@ -65,7 +65,7 @@ class ImplicitCheckpointCard(MetaflowCard):
                 f"The {CARD_TYPE} card is attached by @checkpoint, which tells it where the "
                 f"checkpoints are; remove @card(type={CARD_TYPE!r}) from the step."
             )
-        request = CardRequest(pathspec=task.pathspec, **self._options, **((data or {}).get("user") or {}))
+        request = CardRequest(pathspec=task.pathspec, **self._options)
         return build_view(Checkpointer(open_store(request.root)), request)
 
 
