@@ -52,6 +52,15 @@ def test_demo_card_lists_three_attempts_oldest_first(demo):
     assert f"<dt>Attempt</dt><dd>2</dd>" in html
 
 
+def test_written_counts_the_fields_stored_inside_the_manifest(demo):
+    """The demo's state is small, so every field lives inside its checkpoint's manifest; each
+    save still wrote it: the Written column equals the size, never "0 B"."""
+    _, html = demo
+    rows = CardTables(html).rows("checkpoints")
+    assert [r["cells"][6] for r in rows] == [r["cells"][5] for r in rows]
+    assert "0 B" not in {r["cells"][6] for r in rows} and " 0 B written" not in html
+
+
 def test_demo_card_lineage_is_the_chain_attempt_2_resumed_from(demo):
     """Attempt 2 loaded epoch 16 (attempt 1), which descends from epoch 8 (attempt 0): the
     lineage lists epochs 1..16, index 0 first, with their attempts; that row is marked loaded."""

@@ -10,6 +10,7 @@ import json
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 from .manifest import CheckpointArtifact
+from .store import INLINE_MAX
 
 if TYPE_CHECKING:
     from .gc import GcReport
@@ -17,6 +18,14 @@ if TYPE_CHECKING:
 COLUMNS = ("KEY", "ATTEMPT", "NAME", "CREATED (UTC)", "SIZE", "FLAGS", "METADATA")
 _RIGHT = {"ATTEMPT", "SIZE"}
 _METADATA_WIDTH = 40
+
+
+def written_bytes(artifact: CheckpointArtifact) -> int:
+    """What a save wrote of the state: its new payloads (``written``) and its small fields,
+    which live inside its manifest (``INLINE_MAX``) and so are written by every save. Payloads
+    alone read "0 B" for a state of small fields, as if nothing had been saved."""
+    sizes = [field.get("size", 0) for field in artifact.implicit_manifest.get("fields", {}).values()]
+    return artifact.written + sum(size for size in sizes if size <= INLINE_MAX)
 
 
 def human_bytes(n: int) -> str:
@@ -124,7 +133,7 @@ def _facts(artifact: CheckpointArtifact, retired: bool) -> list[tuple[str, str]]
         ("name", artifact.name),
         ("task", f"{artifact.pathspec} (attempt {artifact.attempt})"),
         ("created", artifact.created_on),
-        ("size", f"{human_bytes(artifact.size)} ({human_bytes(artifact.written)} written by this save)"),
+        ("size", f"{human_bytes(artifact.size)} ({human_bytes(written_bytes(artifact))} written by this save)"),
         ("status", status),
         ("parent", artifact.parent or "-"),
         ("resumed from", artifact.resumed_from or "-"),
