@@ -18,6 +18,16 @@ TEST_FLOWS = Path(__file__).resolve().parent / "flows"
 XSS = "<script>alert(1)</script>"
 
 
+def pytest_collection_finish(session):
+    """Say up front that the whole suite is slow (it runs hundreds of real Metaflow tasks)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and len(session.items) > 100:
+        reporter.write_line(
+            f"{len(session.items)} tests: about 7 minutes on two free cores, 15 or more on a busy "
+            "machine (real Metaflow runs). One file: python -m pytest -q tests/test_errors.py"
+        )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
