@@ -17,6 +17,9 @@ from .manifest import CheckpointArtifact, TaskLocation
 
 # Card updates start at least this far apart; saves in between are shown by the next one.
 UPDATE_GAP_SECONDS = 2.0
+SLOW_RENDER_SECONDS = 2.0
+SLOW_RENDER = ("Rendering the final checkpoint card (a Metaflow card subprocess; "
+               "@checkpoint(card=False) skips it) ...")
 
 
 class CheckpointCardDecorator(StepDecorator):
@@ -98,10 +101,14 @@ class CheckpointCardDecorator(StepDecorator):
 
     def task_finished(self, step_name, flow, graph, is_task_ok, retry_count, max_user_code_retries):
         self._stop_updates()
-        if is_task_ok:  # @card renders nothing for a task that is not ok
-            print("Rendering the final checkpoint card (a Metaflow card subprocess; "
-                  "@checkpoint(card=False) skips it) ...", flush=True)
-        self.card.task_finished(step_name, flow, graph, is_task_ok, retry_count, max_user_code_retries)
+        # Metaflow renders the final card before the task ends (@card renders nothing for a task
+        # that is not ok); on a busy machine that takes seconds. Say so if it does.
+        notice = threading.Timer(SLOW_RENDER_SECONDS, print, [SLOW_RENDER], {"flush": True})
+        notice.start()
+        try:
+            self.card.task_finished(step_name, flow, graph, is_task_ok, retry_count, max_user_code_retries)
+        finally:
+            notice.cancel()
 
     def _stop_updates(self) -> None:
         if self._updates is not None:  # None if an earlier decorator's task_pre_step raised
