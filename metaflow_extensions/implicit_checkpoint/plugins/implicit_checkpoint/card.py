@@ -67,6 +67,7 @@ class Row:
     checkpoint: CheckpointArtifact
     failed: bool
     loaded: bool
+    lineage_index: Optional[int] = None  # its place in the loaded checkpoint's lineage, if any
 
 
 @dataclass(frozen=True)
@@ -91,16 +92,17 @@ class CardView:
     request: CardRequest
     rows: tuple[Row, ...]
     loaded: Optional[CheckpointArtifact]
-    lineage: tuple[Row, ...]
+    lineage: tuple[Row, ...]  # the ancestors saved by other tasks (this task's are in `rows`)
+    lineage_length: int
     plot: Optional[Plot]
     problem: Optional[str]
     rendered_on: str
 
 
 def build_view(checkpointer: Checkpointer, request: CardRequest) -> CardView:
-    """Read the task's checkpoints (oldest first) and the lineage of the loaded one."""
-    found = sorted(checkpointer.list(request.location), key=lambda a: (a.created_on, a.key))
-    rows = tuple(Row(i + 1, a, request.is_failed(a), a.key == request.loaded) for i, a in enumerate(found))
+    """Read the task's checkpoints (oldest first) and the lineage of the loaded one. Ancestors
+    this task saved are numbered in its rows; only those of other tasks (an eager load's
+    earlier run) get rows of their own, so no checkpoint is listed twice."""
     chain: list[CheckpointArtifact] = []
     problem = None
     if request.loaded:
@@ -108,9 +110,18 @@ def build_view(checkpointer: Checkpointer, request: CardRequest) -> CardView:
             chain = follow_lineage(checkpointer, request.loaded)
         except CheckpointError as exc:
             problem = f"The loaded checkpoint {request.loaded} cannot be read: {exc}"
-    lineage_rows = tuple(Row(i, a, request.is_failed(a), a.key == request.loaded) for i, a in enumerate(chain))
+    place = {a.key: i for i, a in enumerate(chain)}
+    found = sorted(checkpointer.list(request.location), key=lambda a: (a.created_on, a.key))
+    rows = tuple(
+        Row(i + 1, a, request.is_failed(a), a.key == request.loaded, place.get(a.key)) for i, a in enumerate(found)
+    )
+    listed = {a.key for a in found}
+    elsewhere = tuple(
+        Row(i, a, request.is_failed(a), a.key == request.loaded, i) for i, a in enumerate(chain) if a.key not in listed
+    )
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return CardView(request, rows, chain[-1] if chain else None, lineage_rows, make_plot(rows), problem, now)
+    loaded = chain[-1] if chain else None
+    return CardView(request, rows, loaded, elsewhere, len(chain), make_plot(rows), problem, now)
 
 
 def make_plot(rows: tuple[Row, ...]) -> Optional[Plot]:
