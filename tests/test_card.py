@@ -128,8 +128,8 @@ def test_no_card_with_card_false_and_a_card_from_the_start_without_a_save(card_f
     has its card (the Metaflow UI waits for it), saying nothing was saved."""
     assert _cards(card_flow["opt_out"].task) == []
     assert Checkpoint().list(task=card_flow["opt_out"].task)  # it did save
-    (idle,) = _cards(card_flow["idle"].task)
-    assert "No checkpoints saved yet" in idle.get() and 'window.METAFLOW_RELOAD_TOKEN = "final"' in idle.get()
+    (idle,) = _cards(card_flow["idle"].task)  # rendered at its start; no final render needed
+    assert "No checkpoints saved yet" in idle.get()
 
 
 def test_every_step_has_as_many_cards_as_decorators_named_card(card_flow):

@@ -33,8 +33,9 @@ class CheckpointCardDecorator(StepDecorator):
       (Metaflow's own ``refresh`` drops calls within 5 s of the previous one);
     - each update writes the data an open page applies in place, then the page itself, so the
       UI's "Link to card" and "Download card" serve the latest one too;
-    - an attempt that raises renders it before ending (Metaflow renders no final card for a
-      failed task).
+    - an attempt that raises after saving or loading renders it before ending (Metaflow
+      renders no final card for a failed task); one that did neither has no final render, as
+      its card from the start is still right.
 
     It is named ``card`` because metaflow-ui waits for as many cards as the step has
     decorators named ``card``; under another name a page opened before the first render never
@@ -57,6 +58,8 @@ class CheckpointCardDecorator(StepDecorator):
         self._uuid = ""
         self._logger = None
         self._updates = None
+        self._modes = ()
+        self._used = False
 
     def external_init(self):
         super().external_init()
@@ -84,39 +87,46 @@ class CheckpointCardDecorator(StepDecorator):
                 step_name, task_datastore, metadata, run_id, task_id, flow, graph,
                 retry_count, max_user_code_retries, ubf_context, inputs,
             )
+        # The card exists from the task's start, marking earlier attempts failed; a retry also
+        # sends the data, which a page still open on the previous attempt applies at once.
+        self._modes = ("refresh", "render_runtime") if retry_count else ("render_runtime",)
+        self._used = False
         self._updates = CardUpdates(self._push, UPDATE_GAP_SECONDS)
-        self._updates.request()  # the card exists from the task's start, marking earlier attempts
+        self._updates.request()
 
     def checkpoint_loaded(self, artifact: CheckpointArtifact) -> None:
         self.card.card_options = {**self.card.card_options, "loaded": artifact.key}
-        self._updates.request()
+        self.checkpoint_saved(artifact)
 
     def checkpoint_saved(self, artifact: CheckpointArtifact) -> None:
+        self._used = True
         self._updates.request()
 
     def task_exception(self, exception, step_name, flow, graph, retry_count, max_user_code_retries):
-        self._stop_updates()
+        if self._updates is None or not self._used:  # the card from the start still holds
+            return
+        self._updates.stop()
         self.card.card_options = {**self.card.card_options, "failed": True}
         self._push()
 
     def task_finished(self, step_name, flow, graph, is_task_ok, retry_count, max_user_code_retries):
-        self._stop_updates()
-        # Metaflow renders the final card before the task ends (@card renders nothing for a task
-        # that is not ok); on a busy machine that takes seconds. Say so if it does.
+        # An attempt that neither saved nor loaded has no final render: its card from the start
+        # stays right. Otherwise Metaflow renders the final card before the task ends (nothing
+        # for a task that is not ok); on a busy machine that takes seconds. Say so if it does.
+        final = is_task_ok and self._used
+        if self._updates is not None:
+            self._updates.stop()
         notice = threading.Timer(SLOW_RENDER_SECONDS, print, [SLOW_RENDER], {"flush": True})
         notice.start()
         try:
-            self.card.task_finished(step_name, flow, graph, is_task_ok, retry_count, max_user_code_retries)
+            self.card.task_finished(step_name, flow, graph, final, retry_count, max_user_code_retries)
         finally:
             notice.cancel()
 
-    def _stop_updates(self) -> None:
-        if self._updates is not None:  # None if an earlier decorator's task_pre_step raised
-            self._updates.stop()
-
     def _push(self) -> None:
         """The data an open page applies in place, then the page that links and downloads serve."""
-        for mode in ("refresh", "render_runtime"):
+        modes, self._modes = self._modes, ("refresh", "render_runtime")
+        for mode in modes:
             self.card.card_creator.create(
                 mode=mode, sync=True, card_uuid=self._uuid, user_set_card_id=CARD_ID,
                 runtime_card=True, decorator_attributes=self.card.attributes,
@@ -141,7 +151,8 @@ class CardUpdates:
         self._wanted.set()
 
     def stop(self) -> None:
-        """Let a push in progress finish; drop requested ones (the caller renders the last)."""
+        """Drop requested pushes and let one in progress finish (the caller may render the last
+        one; and @card deletes files a render reads once the task's cards are done)."""
         self._stopping.set()
         self._wanted.set()
         self._thread.join()
