@@ -48,6 +48,8 @@ setup(
     extras_require={
         "s3": ["s3fs>=2024.12"],
         "demo": ["numpy>=1.22"],  # flows/train_numpy.py
-        "dev": ["pytest>=7", "numpy>=1.22", "s3fs>=2024.12", "moto[server]>=5.1", "selenium>=4.10"],
+        # torch 2.13.0: a CPU build this project's machines install from local disk in seconds
+        "dev": ["pytest>=7", "numpy>=1.22", "s3fs>=2024.12", "moto[server]>=5.1", "selenium>=4.10",
+                "torch==2.13.0"],
     },
 )

@@ -30,7 +30,7 @@ from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.excepti
 )
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.manifest import TaskLocation
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.signing import SECRET_ENV, Sealer
-from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.snapshot import DEFAULT_SERIALIZER, encode
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.graph import SERIALIZER, encode
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import content_hash
 
 LOC = TaskLocation("BadInputFlow", "1", "train", "1")
@@ -117,7 +117,8 @@ class Fuzzer:
 
     def damaged_payload(self):
         keep, victim = self._two_checkpoints()
-        digest = victim.implicit_manifest["fields"]["pad"]["hash"].split(":")[1]
+        m = victim.implicit_manifest
+        ((digest, _),) = m["buffers"][slice(*m["fields"]["pad"]["buffers"])]
         url = self.cp.store.fs.unstrip_protocol(self.cp.store._object_path(LOC.flow, digest))
         data = bytearray(self.cp.store.fs.cat_file(url))
         how = self.rng.choice(["flip", "truncate", "delete", "swap"])
@@ -136,15 +137,15 @@ class Fuzzer:
         os.environ[SECRET_ENV] = "the-real-secret"
         self.me.n = self.kept = self.rng.randrange(10**9)
         keep = self.api.save()  # signed, and the newest checkpoint but for the forgery
-        payload = encode(DEFAULT_SERIALIZER, "n", Trap(self.marker), "a forger's script")
-        digest = content_hash(payload.parts, "sha256")
-        self.cp.store.put_object(LOC.flow, digest, payload.parts)
+        graph = encode({"n": Trap(self.marker)}, "a forger's script")
+        digest = content_hash([graph.body], "sha256")
+        self.cp.store.put_object(LOC.flow, digest, [graph.body])
         key = LOC.key(f"20990101T{self.rng.randrange(10**12):012d}Z-a0-{self.rng.randrange(16**8):08x}")
-        body = {"format": "metaflow-implicit-checkpoint", "version": 1, "key": key, "name": "mfchckpt",
+        body = {"format": "metaflow-implicit-checkpoint", "version": 2, "key": key, "name": "mfchckpt",
                 "pathspec": LOC.pathspec, "attempt": 0, "created_on": "2099-01-01T00:00:00.000000Z",
-                "metadata": {}, "latest": True, "implicit_manifest": {"version": 1, "fields": {"n": {
-                    "type": "int", "size": payload.size, "hash": f"sha256:{digest}",
-                    "serializer": payload.serializer}}}}
+                "metadata": {}, "latest": True, "implicit_manifest": {
+                    "version": 2, "serializer": SERIALIZER, "fields": graph.fields, "hash": "sha256",
+                    "body": [digest, len(graph.body)], "buffers": []}}
         sealed = json.dumps(body).encode() + b"\n{}"
         seal = Sealer(secret=self.rng.choice([None, "guessed"]), env="NO_" + SECRET_ENV).seal(sealed)
         url = self.cp.store.manifest_url(LOC, key.rsplit("/", 1)[1])

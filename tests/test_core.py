@@ -66,30 +66,30 @@ def test_closures_lambdas_and_local_classes_round_trip(cp):
 
 
 def test_unchanged_state_writes_only_a_new_manifest(cp):
-    """Saving the same state twice writes no payload the second time."""
+    """Saving the same state twice writes no payload the second time: only its manifest."""
     state = {"big": np.ones(1_000_000), "n": 1}
     first = cp.save(LOC, 0, state)
     before = set(object_paths(cp))
     second = cp.save(LOC, 0, state)
-    assert first.written >= 8_000_000 and second.written == 0
+    assert first.written >= 8_000_000 and second.written == len(cp.store.fs.cat_file(second.url)) < INLINE_MAX
     assert set(object_paths(cp)) == before
     assert first.key != second.key and second.size == first.size
 
 
 def test_only_the_changed_attribute_is_written(cp):
-    """Changing one attribute among several writes that attribute's payload alone."""
+    """Changing one attribute among several writes that attribute's buffer alone (and the manifest)."""
     state = {"a": np.ones(100_000), "b": np.zeros(100_000)}
     cp.save(LOC, 0, state)
     state["b"] = state["b"] + 2
     second = cp.save(LOC, 0, state)
-    assert second.written == second.implicit_manifest["fields"]["b"]["size"]
+    assert second.written - len(cp.store.fs.cat_file(second.url)) == 800_000
 
 
 def test_payloads_are_shared_across_runs(cp):
     """Two runs of the same flow saving the same value store one payload."""
     cp.save(LOC, 0, {"x": np.ones(1000)})
     other = cp.save(TaskLocation("TrainFlow", "18", "train", "9"), 0, {"x": np.ones(1000)})
-    assert other.written == 0 and len(object_paths(cp)) == 1
+    assert other.written < INLINE_MAX and len(object_paths(cp)) == 1
 
 
 def test_list_is_newest_first_with_filters(cp):
@@ -245,7 +245,7 @@ def test_small_attributes_live_in_the_manifest(cp):
     """A save of small attributes writes one object (the manifest) and restores exactly."""
     state = {f"a{i}": {"i": i, "xs": list(range(i))} for i in range(20)}
     artifact = cp.save(LOC, 0, state)
-    assert object_paths(cp) == [] and artifact.written == 0
+    assert object_paths(cp) == [] and artifact.written == len(cp.store.fs.cat_file(artifact.url))
     assert all(f["size"] <= INLINE_MAX for f in artifact.implicit_manifest["fields"].values())
     assert cp.restore(artifact) == state
 
@@ -256,10 +256,11 @@ def test_tampered_inline_payload_fails_its_hash(cp):
     artifact = cp.save(LOC, 0, {"n": 12345})
     head, inline, _ = cp.store.fs.cat_file(artifact.url).split(b"\n")
     payloads = json.loads(inline)
-    payloads["n"] = payloads["n"][:-4] + "AAA="
+    body = artifact.implicit_manifest["body"][0]
+    payloads[body] = payloads[body][:-4] + "AAA="
     sealed = head + b"\n" + json.dumps(payloads).encode()
     cp.store.fs.pipe_file(artifact.url, sealed + b"\n" + json.dumps(cp.store.sealer.seal(sealed)).encode())
-    with pytest.raises(CheckpointCorrupt, match="Field 'n' .* does not match its hash"):
+    with pytest.raises(CheckpointCorrupt, match=r"The object graph \(fields 'n'\) .* does not match its hash"):
         cp.restore(artifact)
 
 
@@ -280,3 +281,30 @@ def test_nan_metadata_round_trips(cp):
     (listed,) = cp.list(LOC)
     assert np.isnan(listed.metadata["loss"]) and listed.metadata["best"] == float("inf")
     assert listed.key == artifact.key
+
+
+def test_a_format_1_checkpoint_is_listed_but_refused_at_load(cp):
+    """A manifest of 0.1 (one pickle per attribute) still lists and inspects; load() refuses it
+    naming the format, and the resume lookup skips it for an intact format-2 checkpoint."""
+    import base64
+    import pickle
+
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.recovery import restore_newest_intact
+
+    current = cp.save(LOC, 0, {"n": 2})
+    old_id = "20990101T000000000000Z-a0-0000000a"
+    key = LOC.key(old_id)
+    body = {"format": "metaflow-implicit-checkpoint", "version": 1, "key": key, "name": "mfchckpt",
+            "pathspec": LOC.pathspec, "attempt": 0, "created_on": "2099-01-01T00:00:00.000000Z",
+            "metadata": {}, "latest": True, "implicit_manifest": {"version": 1, "fields": {"n": {
+                "type": "int", "size": 9, "hash": "xxh128:" + "0" * 32, "serializer": "cloudpickle5"}}}}
+    sealed = json.dumps(body).encode() + b"\n" + json.dumps({"n": base64.b64encode(pickle.dumps(1)).decode()}).encode()
+    cp.store.put_manifest(LOC, old_id, sealed + b"\n" + json.dumps(cp.store.sealer.seal(sealed)).encode())
+    listed = cp.list(LOC)
+    assert [a.key for a in listed] == [key, current.key] and listed[0].fields["n"].type == "int"
+    assert listed[0].payload_digests() == {"0" * 32}
+    with pytest.raises(CheckpointFormatError, match=r"written in format 1 .* loads format 2 only"):
+        cp.load(key)
+    with pytest.warns(UserWarning, match=f"Not resuming from checkpoint {key}: .*format 1"):
+        found, values = restore_newest_intact(cp, listed)
+    assert found.key == current.key and values == {"n": 2}

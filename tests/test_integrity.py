@@ -20,7 +20,7 @@ from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.excepti
 )
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.manifest import TaskLocation, parse_key
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.signing import SECRET_ENV, Sealer
-from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.snapshot import DEFAULT_SERIALIZER, encode
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.graph import SERIALIZER, encode
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.storage_options import storage_options
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import CheckpointStore, content_hash
 
@@ -59,7 +59,8 @@ def logged(capsys) -> str:
 
 
 def payload_url(cp, artifact, field):
-    digest = artifact.implicit_manifest["fields"][field]["hash"].split(":")[1]
+    m = artifact.implicit_manifest
+    ((digest, _),) = m["buffers"][slice(*m["fields"][field]["buffers"])]
     return cp.store.fs.unstrip_protocol(cp.store._object_path(LOC.flow, digest))
 
 
@@ -144,15 +145,15 @@ class Trap:
 def forge(cp, marker: Path) -> str:
     """What someone with write access but no secret can do: a payload that runs code when
     unpickled, and a manifest naming it, with a correct checksum. Returns its key."""
-    payload = encode(DEFAULT_SERIALIZER, "i", Trap(marker), "a forger's script")
-    digest = content_hash(payload.parts, "sha256")
-    cp.store.put_object(LOC.flow, digest, payload.parts)
+    graph = encode({"i": Trap(marker)}, "a forger's script")
+    digest = content_hash([graph.body], "sha256")
+    cp.store.put_object(LOC.flow, digest, [graph.body])
     key = LOC.key("20300101T000000000000Z-a0-00000bad")
-    body = {"format": "metaflow-implicit-checkpoint", "version": 1, "key": key, "name": "mfchckpt",
+    body = {"format": "metaflow-implicit-checkpoint", "version": 2, "key": key, "name": "mfchckpt",
             "pathspec": LOC.pathspec, "attempt": 0, "created_on": "2030-01-01T00:00:00.000000Z",
-            "metadata": {}, "implicit_manifest": {"version": 1, "fields": {"i": {
-                "type": "int", "size": payload.size, "hash": f"sha256:{digest}",
-                "serializer": payload.serializer}}}, "latest": True}
+            "metadata": {}, "implicit_manifest": {
+                "version": 2, "serializer": SERIALIZER, "fields": graph.fields, "hash": "sha256",
+                "body": [digest, len(graph.body)], "buffers": []}, "latest": True}
     sealed = json.dumps(body).encode() + b"\n{}"
     seal = Sealer(secret=None, env="UNSET_" + SECRET_ENV).seal(sealed)
     url = cp.store.manifest_url(*parse_key(key))
@@ -252,7 +253,7 @@ def test_metadata_that_is_not_json_names_the_key(cp, metadata, says):
 
 
 @pytest.mark.parametrize("edit, error", [
-    ({"version": 2}, "Upgrade metaflow-implicit-checkpoint"),
+    ({"version": 3}, "Upgrade metaflow-implicit-checkpoint"),
     ({"version": "1"}, "Upgrade metaflow-implicit-checkpoint"),
     ({"format": "something-else"}, "is not a metaflow-implicit-checkpoint manifest"),
 ])

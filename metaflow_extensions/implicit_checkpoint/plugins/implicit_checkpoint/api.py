@@ -11,12 +11,11 @@ from .checkpointer import Checkpointer
 from .exceptions import CheckpointError, CheckpointFormatError
 from .lineage import lineage as follow_lineage
 from .manifest import CheckpointArtifact, TaskLocation, parse_key
-from .marks import PINS, put_marker
 from .recovery import restore_newest_intact
 from .references import Reference, key_in_store, warnings_to_log
-from .snapshot import DEFAULT_SERIALIZER, select_state
-from .store import CheckpointStore, open_store
-from .writer import Capture, capture, commit
+from .snapshot import select_state
+from .store import open_store
+from .writer import capture
 
 # Below this many serialized bytes a save is written in the step: that is cheaper than a fork.
 ASYNC_MIN_BYTES = 8 << 20
@@ -97,7 +96,6 @@ class CurrentCheckpoint:
         self._checkpointer.store.check_writable(self._ctx.location.flow)  # here, not in a child
         self._settle(self._background.poll() if self._background else [])
         cap = capture(
-            DEFAULT_SERIALIZER,
             self._ctx.location,
             self._ctx.attempt,
             select_state(
@@ -116,21 +114,20 @@ class CurrentCheckpoint:
             resumed_from=self._loaded.key if self._loaded else None,
         )
         if self._background is None or wait or cap.size < ASYNC_MIN_BYTES:
-            artifact = _commit(self._checkpointer.store, cap, pin)
+            artifact = self._checkpointer.commit(cap, pin)
             self._parent = artifact.key
-            self._checkpointer.remember(artifact)
             self._ctx.on_saved(artifact)
             self._retain([artifact])
             if wait:
                 self.wait()
             return artifact
         store = self._checkpointer.store
-        done = self._background.submit(cap.key, lambda: _commit_in_child(store, cap, pin))
+        done = self._background.submit(
+            cap.key, lambda: {"artifact": Checkpointer(store.reopened()).commit(cap, pin).to_dict()}
+        )
         self._parent = cap.key
         self._settle(done)
-        pending = cap.artifact({n: {"type": e.type, "size": e.size, "serializer": e.serializer}
-                                for n, e in cap.fields.items()},
-                               url=store.manifest_url(cap.loc, cap.checkpoint_id))
+        pending = cap.artifact(url=store.manifest_url(cap.loc, cap.checkpoint_id))
         return replace(pending, pinned=pin)
 
     def wait(self) -> list[CheckpointArtifact]:
@@ -144,9 +141,7 @@ class CurrentCheckpoint:
             if result.get("ok"):
                 artifact = CheckpointArtifact.from_dict(result["artifact"])
                 self._checkpointer.remember(artifact)
-                self._checkpointer.store.remember(
-                    f["hash"].partition(":")[2] for f in artifact.implicit_manifest["fields"].values()
-                )
+                self._checkpointer.store.remember(artifact.payload_digests())
                 self._ctx.on_saved(artifact)
                 done.append(artifact)
         if done:
@@ -273,16 +268,3 @@ def standalone(
         on_loaded=lambda artifact: None, async_saves=async_saves, keep=retention.parse_keep(keep),
     )
     return CurrentCheckpoint(Checkpointer(open_store(root)), ctx)
-
-
-def _commit(store: CheckpointStore, cap: Capture, pin: bool) -> CheckpointArtifact:
-    """The commit point, then the pin: a pinned checkpoint is pinned right after it exists."""
-    artifact = commit(store, cap)
-    if not pin:
-        return artifact
-    put_marker(store, cap.loc, PINS, cap.checkpoint_id)
-    return replace(artifact, pinned=True)
-
-
-def _commit_in_child(store: CheckpointStore, cap: Capture, pin: bool) -> dict:
-    return {"artifact": _commit(store.reopened(), cap, pin).to_dict()}

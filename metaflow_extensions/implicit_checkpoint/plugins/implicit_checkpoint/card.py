@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .checkpointer import Checkpointer
-from .display import written_bytes
 from .exceptions import CheckpointError
 from .lineage import lineage as follow_lineage
 from .manifest import CheckpointArtifact, TaskLocation
@@ -188,7 +187,7 @@ def _environment():
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(size=format_size, seconds=format_seconds, when=format_when, value=format_value, written=written_bytes)
+    env.filters.update(size=format_size, seconds=format_seconds, when=format_when, value=format_value)
     env.globals["PLOT"] = {"width": PLOT_WIDTH, "height": PLOT_HEIGHT, "pad": PLOT_PAD}
     return env
 

@@ -1,22 +1,24 @@
 """Reading checkpoints back: find them, describe them from their manifests, restore values.
 
-Restoring reads each payload's frames straight into freshly allocated buffers (one copy, disk to
-memory), hashes them on the way, and only unpickles once every hash matched.
+Restoring reads each payload straight into a buffer of the size its sealed manifest states (one
+copy, storage to memory; nothing is allocated from lengths read out of a payload), hashes it on
+the way, and only unpickles the graph (``graph.py``) once every hash matched. Tensors and
+arrays then wrap those very buffers.
 """
 from __future__ import annotations
 
 import base64
-import io
-from concurrent.futures import ThreadPoolExecutor
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Iterable, Iterator, Optional
 
-from .exceptions import CheckpointCorrupt, CheckpointError, CheckpointNotFound
-from .manifest import CheckpointArtifact, FieldEntry, TaskLocation, parse_key, read_inline, read_manifest
-from .marks import PINS, RETIRED, is_marked, live_ids, marker_ids
-from .snapshot import SERIALIZERS, read_frame_header
+from . import graph
+from .exceptions import CheckpointCorrupt, CheckpointError, CheckpointFormatError, CheckpointNotFound
+from .manifest import FORMAT_VERSION, CheckpointArtifact, TaskLocation, parse_key, read_inline, read_manifest
+from .marks import PINS, RETIRED, is_marked, live_ids, marker_ids, put_marker
 from .store import HASHES, CheckpointStore
+from .writer import Capture, capture, commit
 
 
 class Checkpointer:
@@ -28,15 +30,22 @@ class Checkpointer:
         # a listing still decides which checkpoints exist.
         self._parsed: dict[str, CheckpointArtifact] = {}
 
-    def save(self, loc: TaskLocation, attempt: int, state: dict[str, Any], **options: Any) -> CheckpointArtifact:
+    def save(self, loc: TaskLocation, attempt: int, state: dict[str, Any], pin: bool = False,
+             **options: Any) -> CheckpointArtifact:
         """Save a dict of values as a checkpoint of ``loc``, synchronously (``writer.capture``
-        takes the options: name, metadata, latest, parent, namespace, ...)."""
-        from .snapshot import DEFAULT_SERIALIZER
-        from .writer import capture, commit
-
-        cap = capture(DEFAULT_SERIALIZER, loc, attempt, state, **options)  # validates first
+        takes the options: name, metadata, latest, parent, namespace, ...). The step saves
+        through the same two calls: ``capture`` in the step, ``commit`` there or in a child."""
+        cap = capture(loc, attempt, state, **options)  # validates first
         self.store.check_writable(loc.flow)
+        return self.commit(cap, pin)
+
+    def commit(self, cap: Capture, pin: bool = False) -> CheckpointArtifact:
+        """Write a captured save (the commit point), then pin it if asked: a pinned checkpoint
+        is pinned right after it exists."""
         artifact = commit(self.store, cap)
+        if pin:
+            put_marker(self.store, cap.loc, PINS, cap.checkpoint_id)
+            artifact = replace(artifact, pinned=True)
         self.remember(artifact)
         return artifact
 
@@ -63,46 +72,77 @@ class Checkpointer:
         return self.load(artifact.key, fields)[1]
 
     def load(self, key: str, fields: Optional[Iterable[str]] = None) -> tuple[CheckpointArtifact, dict[str, Any]]:
-        """The checkpoint with this key and its restored values: one manifest read."""
+        """The checkpoint with this key and its restored values: one manifest read. With
+        ``fields``, only those (and the objects they share with other fields) are fetched."""
         artifact, inline = self._read_stored(key)
-        entries = artifact.fields
-        wanted = list(entries) if fields is None else list(fields)
-        unknown = [n for n in wanted if n not in entries]
+        manifest, entries = artifact.implicit_manifest, artifact.implicit_manifest.get("fields", {})
+        wanted = None if fields is None else list(fields)
+        unknown = [n for n in wanted or () if n not in entries]
         if unknown:
             raise CheckpointNotFound(
                 f"Checkpoint {artifact.key} has no field {', '.join(map(repr, unknown))}; "
                 f"it holds {sorted(entries)}."
             )
-        return artifact, {n: self._restore_field(artifact, n, entries[n], inline.get(n)) for n in wanted}
-
-    def _restore_field(self, artifact: CheckpointArtifact, name: str, entry: FieldEntry, inline) -> Any:
-        algorithm, _, digest = entry.hash.partition(":")
-        serializer = SERIALIZERS.get(entry.serializer)
-        if serializer is None or algorithm not in HASHES:
-            raise CheckpointCorrupt(
-                f"Field {name!r} of checkpoint {artifact.key} uses {entry.serializer!r} / "
-                f"{algorithm!r}, unknown here. Upgrade metaflow-implicit-checkpoint."
+        if manifest.get("version") != FORMAT_VERSION or manifest.get("serializer") != graph.SERIALIZER:
+            raise CheckpointFormatError(
+                f"Checkpoint {artifact.key} was written in format {manifest.get('version')!r} "
+                f"({manifest.get('serializer', 'cloudpickle5')}) by an older metaflow-implicit-checkpoint; "
+                f"this version loads format {FORMAT_VERSION} only (it still lists, inspects and "
+                "garbage-collects it). Load it with the version that wrote it "
+                "(pip install 'metaflow-implicit-checkpoint<0.2'), or start afresh."
             )
+        _, needed = graph.needed_buffers(entries, wanted)
+        body, buffers = self._fetch(artifact, inline, needed)
+        return artifact, graph.decode(body, buffers, entries, wanted, artifact.key)
+
+    def _fetch(self, artifact: CheckpointArtifact, inline: dict, needed: set) -> tuple[Any, list]:
+        """The verified stream and buffers of a checkpoint (never-touched stand-ins for the
+        buffers not ``needed``), read concurrently from remote stores."""
+        m = artifact.implicit_manifest
+        algorithm = m.get("hash")
+        if algorithm not in HASHES:
+            raise CheckpointCorrupt(f"Checkpoint {artifact.key} uses hash {algorithm!r}, unknown here.")
+        order = [-1, *sorted(needed)]  # -1: the stream
+        payloads = [m["body"] if i < 0 else m["buffers"][i] for i in order]
+        read = lambda payload: self._payload(artifact, inline, algorithm, *payload)
+        if self.store.is_local or len(payloads) < 2:
+            found = list(map(read, payloads))
+        else:
+            with ThreadPoolExecutor(max_workers=min(8, len(payloads))) as pool:
+                found = list(pool.map(read, payloads))
+        by_index = dict(zip(order, found))
+        buffers = [by_index[i] if i in by_index else _new_buffer(size)
+                   for i, (_, size) in enumerate(m["buffers"])]
+        return by_index[-1], buffers
+
+    def _payload(self, artifact: CheckpointArtifact, inline: dict, algorithm: str, digest: str, size: int) -> Any:
+        """One payload, read into a buffer of the size the manifest states, hash verified."""
+        hasher = HASHES[algorithm]()
+        buffer = _new_buffer(size)
         try:
-            if inline is not None:
-                frames = _read_frames(io.BytesIO(base64.b64decode(inline)), HASHES[algorithm]())
+            if digest in inline:
+                data = base64.b64decode(inline[digest])
+                ok = len(data) == size
+                if ok:
+                    _bytes_view(buffer)[:] = data
+                    hasher.update(data)
             else:
                 with self.store.open_object(artifact.location.flow, digest) as f:
-                    frames = _read_frames(f, HASHES[algorithm]())
+                    ok = _read_verified(f, _bytes_view(buffer), hasher)
         except CheckpointNotFound:
             raise CheckpointCorrupt(
-                f"Field {name!r} of checkpoint {artifact.key} is missing its payload "
-                f"({entry.hash}). Load an earlier checkpoint (see list())."
+                f"{_owner(artifact, digest)} of checkpoint {artifact.key} is missing its payload "
+                f"({algorithm}:{digest}). Load an earlier checkpoint (see list())."
             ) from None
-        except (ValueError, EOFError):
-            frames = None
-        if frames is None or frames[0] != digest:
+        except (ValueError, TypeError):  # inline bytes that are not base64
+            ok = False
+        if not ok or hasher.hexdigest() != digest:
             raise CheckpointCorrupt(
-                f"Field {name!r} of checkpoint {artifact.key} does not match its hash "
-                f"{entry.hash}: the stored bytes were damaged. Load an earlier checkpoint "
-                "(see list())."
+                f"{_owner(artifact, digest)} of checkpoint {artifact.key} does not match its hash "
+                f"{algorithm}:{digest} (or its size): the stored bytes were damaged. Load an "
+                "earlier checkpoint (see list())."
             )
-        return serializer.loads(frames[1], frames[2])
+        return buffer
 
     def list(self, loc: TaskLocation, name: Optional[str] = None, attempt: Optional[int] = None) -> list[CheckpointArtifact]:
         """A task's checkpoints over all its attempts, newest first by creation time (deleted
@@ -155,51 +195,42 @@ class Checkpointer:
 _CHUNK = 16 << 20
 
 
-def _read_frames(f, hasher) -> tuple[str, bytes, list]:
-    """(hash, body, buffers) of one framed payload. Each buffer is read straight into place,
-    16 MiB at a time, while a second thread hashes the chunk read before (both release the GIL),
-    so verifying costs no time on top of reading."""
-    header = bytearray()
-
-    def read_header(n: int) -> bytes:
-        data = f.read(n)
-        if len(data) != n:
-            raise EOFError("payload is truncated")
-        header.extend(data)
-        return data
-
-    body_len, *buffer_lens = read_frame_header(read_header)
-    body = f.read(body_len)
-    if len(body) != body_len:
-        raise EOFError("payload is truncated")
-    hasher.update(header)
-    hasher.update(body)
-    buffers = [_new_buffer(n) for n in buffer_lens]
-    chunks = [v[i:i + _CHUNK] for v in map(_bytes_view, buffers) for i in range(0, len(v), _CHUNK)]
+def _read_verified(f, view: memoryview, hasher) -> bool:
+    """Read exactly ``len(view)`` bytes into ``view``, 16 MiB at a time, while a second thread
+    hashes the chunk read before (both release the GIL), so verifying costs no time on top of
+    reading. False if the payload is shorter or longer than that."""
+    chunks = [view[i:i + _CHUNK] for i in range(0, len(view), _CHUNK)]
     with ThreadPoolExecutor(max_workers=1) as hashing:
         hashed = None
         for chunk in chunks:
-            _read_into(f, chunk)
+            if not _read_into(f, chunk):
+                return False
             if hashed is not None:
                 hashed.result()
             hashed = hashing.submit(hasher.update, chunk)
         if hashed is not None:
             hashed.result()
-    if f.read(1):
-        raise EOFError("payload is longer than its frames")
-    return hasher.hexdigest(), body, buffers
+    return not f.read(1)
+
+
+def _owner(artifact: CheckpointArtifact, digest: str) -> str:
+    """``Field 'w'``: who holds a payload, for errors (the stream holds every field)."""
+    m = artifact.implicit_manifest
+    names = [n for n, f in m["fields"].items() if any(p[0] == digest for p in m["buffers"][slice(*f["buffers"])])]
+    return f"Field {', '.join(map(repr, names))}" if names else f"The object graph (fields {', '.join(map(repr, m['fields']))})"
 
 
 def _bytes_view(buffer) -> memoryview:
     return memoryview(buffer).cast("B")
 
 
-def _read_into(f, view: memoryview) -> None:
+def _read_into(f, view: memoryview) -> bool:
     while view:
         n = f.readinto(view)
         if not n:
-            raise EOFError("payload is truncated")
+            return False  # truncated
         view = view[n:]
+    return True
 
 
 def _with_pins(found: list[CheckpointArtifact], loc: TaskLocation, store) -> list[CheckpointArtifact]:

@@ -10,7 +10,6 @@ import json
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 from .manifest import CheckpointArtifact
-from .store import INLINE_MAX
 
 if TYPE_CHECKING:
     from .gc import GcReport
@@ -18,14 +17,6 @@ if TYPE_CHECKING:
 COLUMNS = ("KEY", "ATTEMPT", "NAME", "CREATED (UTC)", "SIZE", "FLAGS", "METADATA")
 _RIGHT = {"ATTEMPT", "SIZE"}
 _METADATA_WIDTH = 40
-
-
-def written_bytes(artifact: CheckpointArtifact) -> int:
-    """What a save wrote of the state: its new payloads (``written``) and its small fields,
-    which live inside its manifest (``INLINE_MAX``) and so are written by every save. Payloads
-    alone read "0 B" for a state of small fields, as if nothing had been saved."""
-    sizes = [field.get("size", 0) for field in artifact.implicit_manifest.get("fields", {}).values()]
-    return artifact.written + sum(size for size in sizes if size <= INLINE_MAX)
 
 
 def human_bytes(n: int) -> str:
@@ -89,15 +80,25 @@ def checkpoints_html(artifacts: Sequence[CheckpointArtifact]) -> str:
 def artifact_text(artifact: CheckpointArtifact, retired: bool = False) -> str:
     """One checkpoint in full: what it is, then one line per field."""
     facts = text_table(None, _facts(artifact, retired))
-    fields = [(n, f.type, human_bytes(f.size), f.serializer, f.hash) for n, f in artifact.fields.items()]
-    return facts + "\n\n" + text_table(("FIELD", "TYPE", "SIZE", "SERIALIZER", "HASH"), fields, {"SIZE"})
+    return facts + "\n\n" + text_table(FIELD_COLUMNS, field_rows(artifact), {"SIZE"})
 
 
 def artifact_html(artifact: CheckpointArtifact) -> str:
-    fields = [(n, f.type, human_bytes(f.size), f.serializer, f.hash) for n, f in artifact.fields.items()]
-    return _html_table(None, _facts(artifact, False)) + _html_table(
-        ("FIELD", "TYPE", "SIZE", "SERIALIZER", "HASH"), fields
-    )
+    return _html_table(None, _facts(artifact, False)) + _html_table(FIELD_COLUMNS, field_rows(artifact))
+
+
+FIELD_COLUMNS = ("FIELD", "TYPE", "SIZE", "SHAPE", "SHARES OBJECTS WITH")
+
+
+def field_rows(artifact: CheckpointArtifact) -> list[tuple[str, ...]]:
+    """One row per field: type, bytes held, shape/dtype/device of tensors and arrays, and the
+    fields it shares objects with."""
+    rows = []
+    for name, f in artifact.fields.items():
+        shape = "" if f.shape is None else "x".join(map(str, f.shape)) or "scalar"
+        shape = " ".join(filter(None, [shape, f.dtype or "", f.device or ""]))
+        rows.append((name, f.type, human_bytes(f.size), shape, ", ".join(f.shares)))
+    return rows
 
 
 def gc_text(report: GcReport) -> str:
@@ -133,7 +134,7 @@ def _facts(artifact: CheckpointArtifact, retired: bool) -> list[tuple[str, str]]
         ("name", artifact.name),
         ("task", f"{artifact.pathspec} (attempt {artifact.attempt})"),
         ("created", artifact.created_on),
-        ("size", f"{human_bytes(artifact.size)} ({human_bytes(written_bytes(artifact))} written by this save)"),
+        ("size", f"{human_bytes(artifact.size)} ({human_bytes(artifact.written)} written by this save)"),
         ("status", status),
         ("parent", artifact.parent or "-"),
         ("resumed from", artifact.resumed_from or "-"),

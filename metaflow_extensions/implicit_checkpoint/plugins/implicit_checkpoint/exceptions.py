@@ -37,6 +37,12 @@ class CheckpointCorrupt(CheckpointError):
     headline = "Checkpoint is corrupt"
 
 
+class CheckpointRestoreError(CheckpointError):
+    """A checkpoint is intact but cannot be rebuilt here (e.g. a class it needs is gone)."""
+
+    headline = "Checkpoint could not be restored"
+
+
 class CheckpointFormatError(CheckpointError):
     """A manifest or reference is malformed, or written by a newer version of this package."""
 

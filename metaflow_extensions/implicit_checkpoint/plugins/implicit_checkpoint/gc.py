@@ -146,7 +146,7 @@ def _read_references(store: CheckpointStore, paths: list[str], progress: Progres
                     f"gc stopped before deleting anything: {exc} Delete or restore that manifest, then run gc again."
                 ) from None
             sizes.append(artifact.size)
-            referenced.update(f.hash.partition(":")[2] for f in artifact.fields.values())
+            referenced.update(artifact.payload_digests())
         if len(paths) > _READ_BATCH:
             progress(f"  read {min(start + _READ_BATCH, len(paths))}/{len(paths)} manifests")
     return sizes, referenced

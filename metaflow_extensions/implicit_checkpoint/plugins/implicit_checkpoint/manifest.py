@@ -25,7 +25,9 @@ from .exceptions import CheckpointCorrupt, CheckpointFormatError
 from .signing import Sealer
 
 FORMAT = "metaflow-implicit-checkpoint"
-FORMAT_VERSION = 1
+# 2: one object graph per checkpoint (graph.py); 1 (0.1.x): one pickle per attribute, which
+# this version lists, inspects and garbage-collects but refuses to load (see checkpointer.py).
+FORMAT_VERSION = 2
 ROOT_POSITION = "root"
 
 _ID_RE = re.compile(r"^\d{8}T\d{12}Z-a\d+-[0-9a-f]{8}$")
@@ -90,15 +92,27 @@ def new_checkpoint_id(attempt: int) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class FieldEntry:
-    """One saved attribute: its type, serialized size and the hash that addresses its bytes."""
+    """One saved attribute, as ``inspect()`` shows it: its type, the bytes it holds (its part of
+    the pickle stream plus the buffers first reached through it), the other fields it shares
+    objects with, and for tensors and arrays their shape, dtype and device. ``span`` and
+    ``buffers`` locate it in the checkpoint's graph (``graph.py``)."""
 
     type: str
     size: int
-    hash: str
-    serializer: str
+    span: tuple = (0, 0)
+    buffers: tuple = (0, 0)
+    shares: tuple = ()
+    shape: Optional[tuple] = None
+    dtype: Optional[str] = None
+    device: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FieldEntry":
+        known = cls.__dataclass_fields__
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -107,8 +121,8 @@ class CheckpointArtifact:
 
     ``created_on`` is ISO-8601 UTC with microseconds and ``Z``, so strings sort in time order.
     ``metadata`` is exactly the user's dict. ``parent`` is the key of the checkpoint this one
-    descends from. ``written`` counts the payload bytes this save actually wrote (unchanged
-    attributes are not rewritten); ``url`` is where the manifest lives. ``resumed_from`` is the
+    descends from. ``written`` counts the bytes this save put in storage, its manifest
+    included (unchanged payloads are not rewritten); ``url`` is where the manifest lives. ``resumed_from`` is the
     key of the checkpoint the saving attempt had loaded (``None`` if it loaded nothing), so
     lineage across attempts survives retention of intermediate saves. ``pinned`` is not stored
     in the manifest (manifests never change): ``list()`` fills it from the task's pins.
@@ -133,7 +147,24 @@ class CheckpointArtifact:
 
     @property
     def fields(self) -> dict[str, FieldEntry]:
-        return {n: FieldEntry(**f) for n, f in self.implicit_manifest.get("fields", {}).items()}
+        return {n: FieldEntry.from_dict(f) for n, f in self.implicit_manifest.get("fields", {}).items()}
+
+    def payloads(self) -> list[tuple[str, int]]:
+        """(hex digest, size) of every payload this checkpoint references: the pickle stream,
+        then each buffer (format 1: one per field)."""
+        m = self.implicit_manifest
+        if m.get("version", 1) == 1:
+            return [(f["hash"].partition(":")[2], f["size"]) for f in m.get("fields", {}).values()]
+        return [(digest, size) for digest, size in [m["body"], *m["buffers"]]]
+
+    def payload_digests(self) -> set[str]:
+        """Hex digests of every payload this checkpoint references (what gc keeps)."""
+        return {digest for digest, _ in self.payloads()}
+
+    def field_payloads(self, name: str) -> list[tuple[str, int]]:
+        """(hex digest, size) of the buffers first reached through field ``name``."""
+        m = self.implicit_manifest
+        return [(digest, size) for digest, size in m["buffers"][slice(*m["fields"][name]["buffers"])]]
 
     @property
     def location(self) -> TaskLocation:
@@ -234,19 +265,27 @@ _SHAPE = {"name": str, "pathspec": str, "attempt": int, "created_on": str, "meta
 def _check_shape(body: dict, url: str) -> None:
     """A manifest anyone could have written (no secret set) fails here, not deep in a load."""
     bad = [k for k, t in _SHAPE.items() if not isinstance(body.get(k), t)]
-    if not bad and not _fields_ok(body["implicit_manifest"].get("fields")):
+    if not bad and not _fields_ok(body["implicit_manifest"]):
         bad = ["implicit_manifest.fields"]
     if bad:
         raise CheckpointCorrupt(f"The manifest at {url} is malformed: bad {', '.join(bad)}.")
 
 
-_FIELD_KEYS = {"type", "size", "hash", "serializer"}
+_V1_KEYS = {"type", "size", "hash", "serializer"}
+_V2_KEYS = {"type", "size", "span", "buffers", "shares"}
+_V2_OPTIONAL = {"shape", "dtype", "device"}
 
 
-def _fields_ok(fields: Any) -> bool:
-    """Every field entry has exactly the keys of a FieldEntry (a cheap check: list() runs it on
-    every manifest; the values are checked where they are used)."""
+def _fields_ok(manifest: dict) -> bool:
+    """The field table and payload list have the shape of their format version (a cheap check:
+    list() runs it on every manifest; the values are checked where they are used)."""
+    fields = manifest.get("fields")
     try:
-        return all(entry.keys() == _FIELD_KEYS for entry in fields.values())
-    except AttributeError:  # not a dict of dicts
+        if manifest.get("version", 1) == 1:
+            return all(entry.keys() == _V1_KEYS for entry in fields.values())
+        payloads = [manifest["body"], *manifest["buffers"]]
+        return all(len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int) for p in payloads) and all(
+            _V2_KEYS <= entry.keys() <= _V2_KEYS | _V2_OPTIONAL for entry in fields.values()
+        )
+    except (AttributeError, KeyError, TypeError):  # not a dict of dicts, no payload list
         return False

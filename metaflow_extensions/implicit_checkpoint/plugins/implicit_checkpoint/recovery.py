@@ -3,7 +3,8 @@
 A checkpoint whose manifest is damaged is never offered: ``list()`` and the resume lookup skip it
 with a warning. Damaged or missing payloads show only when they are read, so resuming restores the
 best candidate and, if a payload fails its hash or is gone, warns naming the checkpoint and the
-field, then tries the next best. A task thus resumes from the newest intact checkpoint instead of
+field, then tries the next best; so does a checkpoint of an older format that this version
+cannot load. A task thus resumes from the newest intact checkpoint instead of
 failing the same way on every retry. An explicitly requested checkpoint never falls back.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import warnings
 from typing import Any, Iterable, Optional
 
 from .checkpointer import Checkpointer
-from .exceptions import CheckpointCorrupt
+from .exceptions import CheckpointCorrupt, CheckpointFormatError
 from .manifest import CheckpointArtifact
 
 
@@ -24,9 +25,10 @@ def restore_newest_intact(
     for artifact in candidates:
         try:
             return artifact, checkpointer.restore(artifact)
-        except CheckpointCorrupt as exc:
+        except (CheckpointCorrupt, CheckpointFormatError) as exc:  # damaged, or an older format
             damaged += 1
-            warnings.warn(f"Not resuming from damaged checkpoint {artifact.key}: {exc} Trying an older one.")
+            what = "damaged checkpoint" if isinstance(exc, CheckpointCorrupt) else "checkpoint"
+            warnings.warn(f"Not resuming from {what} {artifact.key}: {exc} Trying an older one.")
     if damaged:
         warnings.warn(f"All {damaged} checkpoint(s) to resume from are damaged; nothing was loaded.")
     return None

@@ -1,13 +1,15 @@
 """Writing a checkpoint, in two phases: ``capture`` in the step, ``commit`` wherever it runs.
 
-``capture`` validates the call and serializes every attribute; out-of-band buffers (numpy
-arrays) stay views of the live memory, so it costs almost nothing. ``commit`` then runs, in the
-step (synchronous saves) or in a forked child that sees a copy-on-write snapshot of that memory
+``capture`` validates the call and pickles every attribute as one graph (``graph.py``); the
+out-of-band buffers (numpy arrays, torch storages) stay views of the live memory, so its cost
+grows with the number of objects, not with their bytes. ``commit`` then runs, in the step
+(synchronous saves) or in a forked child that sees a copy-on-write snapshot of that memory
 (asynchronous saves), in this order:
 
-1. hash each attribute's frames (xxh3-128 at memory speed; sha256 when manifests are signed);
-2. attributes up to ``INLINE_MAX`` bytes go inside the manifest; any other is written as one
-   payload object unless the store already has its hash (unchanged attributes cost nothing);
+1. hash the pickle stream and each buffer (xxh3-128 at memory speed; sha256 when manifests
+   are signed): every one is a payload addressed by its content;
+2. payloads up to ``INLINE_MAX`` bytes go inside the manifest; any other is written as its own
+   object unless the store already has its hash (an unchanged tensor or array costs nothing);
 3. write the manifest: the commit point. Before it, the checkpoint does not exist.
 """
 from __future__ import annotations
@@ -16,12 +18,13 @@ import base64
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from .exceptions import CheckpointSaveError
+from .graph import SERIALIZER, Graph, encode
 from .manifest import FORMAT_VERSION, CheckpointArtifact, TaskLocation, manifest_bytes, new_checkpoint_id
-from .snapshot import Encoded, Serializer, encode, type_name
+from .snapshot import type_name
 from .store import INLINE_MAX, CheckpointStore, content_hash
 
 MAX_NAME_LENGTH = 128
@@ -40,7 +43,7 @@ class Capture:
     latest: bool
     parent: Optional[str]
     namespace: Optional[str]
-    fields: dict[str, Encoded]
+    graph: Graph
     started: float
     resumed_from: Optional[str] = None
 
@@ -50,13 +53,16 @@ class Capture:
 
     @property
     def size(self) -> int:
-        return sum(e.size for e in self.fields.values())
+        return self.graph.size
 
-    def artifact(self, fields: dict, written: int = 0, url: Optional[str] = None) -> CheckpointArtifact:
+    def artifact(self, payloads: Optional[dict] = None, written: int = 0, url: Optional[str] = None) -> CheckpointArtifact:
+        """The checkpoint; ``payloads`` (digests) are known once ``commit`` hashed them."""
+        manifest = {"version": FORMAT_VERSION, "serializer": SERIALIZER, "fields": self.graph.fields,
+                    **(payloads or {})}
         return CheckpointArtifact(
             key=self.key, name=self.name, pathspec=self.loc.pathspec, attempt=self.attempt,
             created_on=self.created_on, metadata=self.metadata,
-            implicit_manifest={"version": FORMAT_VERSION, "fields": fields}, size=self.size,
+            implicit_manifest=manifest, size=self.size,
             parent=self.parent, url=url, latest=self.latest, namespace=self.namespace,
             written=written, save_seconds=round(time.perf_counter() - self.started, 6),
             resumed_from=self.resumed_from,
@@ -64,7 +70,6 @@ class Capture:
 
 
 def capture(
-    serializer: Serializer,
     loc: TaskLocation,
     attempt: int,
     state: dict[str, Any],
@@ -81,36 +86,41 @@ def capture(
     started = time.perf_counter()
     check_name(name, where)
     metadata = check_metadata(metadata, where)
-    fields = {attr: encode(serializer, attr, state[attr], where) for attr in sorted(state)}
+    graph = encode(state, where)
     checkpoint_id, created_on = new_checkpoint_id(attempt)
     return Capture(loc, attempt, checkpoint_id, created_on, name, metadata, latest, parent,
-                   namespace, fields, started, resumed_from)
+                   namespace, graph, started, resumed_from)
 
 
 def commit(store: CheckpointStore, cap: Capture) -> CheckpointArtifact:
-    """Write the payloads that are new, then the manifest; return the stored checkpoint."""
-    fields, inline, objects, algorithm = {}, {}, [], store.hash_name
-    for attr, enc in cap.fields.items():
-        digest = content_hash(enc.parts, algorithm)
-        fields[attr] = {"type": enc.type, "size": enc.size, "hash": f"{algorithm}:{digest}",
-                        "serializer": enc.serializer}
-        if enc.size <= INLINE_MAX:
-            inline[attr] = base64.b64encode(b"".join(enc.parts)).decode()
+    """Write the payloads that are new, then the manifest; return the stored checkpoint.
+
+    ``written`` counts every byte this save put in storage: new payloads and the manifest."""
+    algorithm, inline, objects, listed = store.hash_name, {}, {}, []
+    for part in (cap.graph.body, *cap.graph.buffers):
+        digest, size = content_hash([part], algorithm), memoryview(part).nbytes
+        listed.append([digest, size])
+        if size <= INLINE_MAX:
+            inline[digest] = base64.b64encode(part).decode()
         else:
-            objects.append((digest, enc.parts))
-    written = sum(_put_all(store, cap.loc.flow, objects))
-    artifact = cap.artifact(fields, written)
-    url = store.put_manifest(cap.loc, cap.checkpoint_id, manifest_bytes(artifact, store.sealer, inline))
-    return artifact.with_url(url)
+            objects[digest] = part  # a buffer twice in one graph is written once
+    written = sum(_put_all(store, cap.loc.flow, list(objects.items())))
+    payloads = {"hash": algorithm, "body": listed[0], "buffers": listed[1:]}
+    artifact = cap.artifact(payloads, written)
+    manifest = manifest_bytes(artifact, store.sealer, inline)
+    while artifact.written != written + len(manifest):  # the manifest counts itself: 2-3 rounds
+        artifact = replace(artifact, written=written + len(manifest))
+        manifest = manifest_bytes(artifact, store.sealer, inline)
+    return artifact.with_url(store.put_manifest(cap.loc, cap.checkpoint_id, manifest))
 
 
 def _put_all(store: CheckpointStore, flow: str, objects: list) -> list[int]:
     """Write payloads: one after another on a local disk (it gains nothing from more), a few
     at a time on remote stores, where each request waits on the network."""
     if store.is_local or len(objects) < 2:
-        return [store.put_object(flow, digest, parts) for digest, parts in objects]
+        return [store.put_object(flow, digest, [part]) for digest, part in objects]
     with ThreadPoolExecutor(max_workers=min(8, len(objects))) as pool:
-        return list(pool.map(lambda item: store.put_object(flow, *item), objects))
+        return list(pool.map(lambda item: store.put_object(flow, item[0], [item[1]]), objects))
 
 
 def check_name(name: Any, where: str) -> None:
