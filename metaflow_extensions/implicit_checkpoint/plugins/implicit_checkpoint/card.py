@@ -110,7 +110,10 @@ def build_view(checkpointer: Checkpointer, request: CardRequest) -> CardView:
         except CheckpointError as exc:
             problem = f"The loaded checkpoint {request.loaded} cannot be read: {exc}"
     place = {a.key: i for i, a in enumerate(chain)}
-    found = sorted(checkpointer.list(request.location), key=lambda a: (a.created_on, a.key))
+    try:
+        found = sorted(checkpointer.list(request.location), key=lambda a: (a.created_on, a.key))
+    except CheckpointError as exc:  # the card says so, instead of failing to render
+        found, problem = [], f"The checkpoints cannot be read: {exc}"
     rows = tuple(
         Row(i + 1, a, request.is_failed(a), a.key == request.loaded, place.get(a.key)) for i, a in enumerate(found)
     )
