@@ -178,7 +178,7 @@ class CheckpointStore:
         path = self._object_path(flow, digest)
         try:
             if self.is_local:
-                return open(path, "rb")
+                return open(path, "rb", buffering=0)  # reads go straight into the buffers
             return io.BytesIO(self._read(path, lambda: self.fs.cat_file(path)))
         except FileNotFoundError:
             raise CheckpointNotFound(f"payload {digest} is missing from {self.url}") from None
