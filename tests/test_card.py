@@ -86,15 +86,18 @@ def _cards(task, card_type=None):
 
 
 def test_fifty_checkpoints_per_foreach_branch(card_flow):
-    """Each foreach branch's card lists its own 50 checkpoints in order, says nothing was
-    loaded, and is the final render."""
+    """Each foreach branch's card counts its own 50 checkpoints and lists the newest 25 in
+    order (no metric to pick the best by), says nothing was loaded, and is the final render."""
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.card import NEWEST_ROWS
+
     for task in card_flow["many"]:
         (card,) = _cards(task, CARD_TYPE)
         html = card.get()
         rows = CardTables(html).rows("checkpoints")
-        expected = list(reversed(Checkpoint().list(task=task)))
-        assert len(rows) == 50 and [r["data-key"] for r in rows] == [c.key for c in expected]
-        assert [r["cells"][2] for r in rows] == [f"{'ab'[task.index]}-{i:02d}" for i in range(50)]
+        expected = list(reversed(Checkpoint().list(task=task)))[-NEWEST_ROWS:]
+        assert "50 checkpoints" in html and f"{NEWEST_ROWS} of 50" in html
+        assert len(rows) == NEWEST_ROWS and [r["data-key"] for r in rows] == [c.key for c in expected]
+        assert [r["cells"][2] for r in rows] == [f"{'ab'[task.index]}-{i:02d}" for i in range(50 - NEWEST_ROWS, 50)]
         assert not any("failed" in r["class"] for r in rows)
         assert "No checkpoint was loaded" in html and "No lineage found" in html
         assert f"(foreach {task.index})" in html
