@@ -1,6 +1,21 @@
 import re
 
 from setuptools import find_namespace_packages, setup
+from setuptools.command.editable_wheel import editable_wheel
+
+
+class CompatEditableWheel(editable_wheel):
+    """`pip install -e .` installs in setuptools' `compat` editable mode unless told otherwise.
+
+    Metaflow finds extensions by scanning the folders on sys.path for `metaflow_extensions`;
+    a compat install puts this folder on sys.path, while the default mode's import hook is
+    invisible to that scan (`from metaflow import checkpoint` then fails).
+    """
+
+    def finalize_options(self):
+        self.mode = self.mode or "compat"
+        super().finalize_options()
+
 
 VERSION_FILE = "metaflow_extensions/implicit_checkpoint/plugins/implicit_checkpoint/version.py"
 VERSION = re.search(r'"(.+)"', open(VERSION_FILE, encoding="utf-8").read()).group(1)
@@ -12,6 +27,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    cmdclass={"editable_wheel": CompatEditableWheel},
     python_requires=">=3.9",
     packages=find_namespace_packages(include=["metaflow_extensions.*"], exclude=["*.templates"]),
     # The card's jinja2 templates (the repository's top-level `cards/` links to them).
@@ -31,6 +47,7 @@ setup(
     },
     extras_require={
         "s3": ["s3fs>=2024.12"],
+        "demo": ["numpy>=1.22"],  # flows/train_numpy.py
         # torch 2.13.0: a CPU build this project's machines install from local disk in seconds
         "dev": ["pytest>=7", "numpy>=1.22", "s3fs>=2024.12", "moto[server]>=5.1", "selenium>=4.10",
                 "torch==2.13.0"],

@@ -117,9 +117,7 @@ class Fuzzer:
 
     def damaged_payload(self):
         keep, victim = self._two_checkpoints()
-        m = victim.implicit_manifest
-        own = m["buffers"][slice(*m["fields"]["pad"]["buffers"])]
-        digest = own[0][0] if own else m["body"][0]  # bytes travel in the pickle stream (8 KB: an object)
+        digest = max(victim.payloads(), key=lambda p: p[1])[0]  # the stream, holding `pad`
         url = self.cp.store.fs.unstrip_protocol(self.cp.store._object_path(LOC.flow, digest))
         data = bytearray(self.cp.store.fs.cat_file(url))
         how = self.rng.choice(["flip", "truncate", "delete", "swap"])
@@ -160,7 +158,7 @@ class Fuzzer:
     # ----- checks --------------------------------------------------------------------------
     def _two_checkpoints(self):
         self.me.n = self.kept = self.rng.randrange(10**9)
-        self.me.pad = self.me.n.to_bytes(8, "little") * 1024  # large: stored as its own payload
+        self.me.pad = self.me.n.to_bytes(8, "little") * 1024  # large: the stream is its own payload
         keep = self.api.save()
         self.me.n += 1
         self.me.pad = self.me.n.to_bytes(8, "little") * 1024

@@ -18,6 +18,16 @@ TEST_FLOWS = Path(__file__).resolve().parent / "flows"
 XSS = "<script>alert(1)</script>"
 
 
+def pytest_collection_finish(session):
+    """Say up front that the whole suite is slow (it runs hundreds of real Metaflow tasks)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and len(session.items) > 100:
+        reporter.write_line(
+            f"{len(session.items)} tests: about 7 minutes on two free cores, 15 or more on a busy "
+            "machine (real Metaflow runs). One file: python -m pytest -q tests/test_errors.py"
+        )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -90,8 +100,9 @@ def shared_root_url(request, tmp_path):
 class FlowRun:
     """The outcome of one `python flow.py ...` subprocess."""
 
-    def __init__(self, proc: subprocess.CompletedProcess):
+    def __init__(self, proc: subprocess.CompletedProcess, flow_file: str = ""):
         self.proc = proc
+        self.flow_file = flow_file
         self.output = proc.stdout + proc.stderr
         match = re.search(r"run-id (\S+?)\)?:", self.output)
         self.run_id = match.group(1) if match else None
@@ -130,7 +141,7 @@ def run_flow(metaflow_home):
             [sys.executable, str(flow_file), "--no-pylint", *args],
             cwd=metaflow_home, env=full_env, capture_output=True, text=True, timeout=300,
         )
-        result = FlowRun(proc)
+        result = FlowRun(proc, str(flow_file))
         if expect_ok is not None:
             assert result.ok == expect_ok, result.output[-4000:]
         return result

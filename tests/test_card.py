@@ -52,18 +52,25 @@ def test_demo_card_lists_three_attempts_oldest_first(demo):
     assert f"<dt>Attempt</dt><dd>2</dd>" in html
 
 
+def test_written_is_never_zero(demo):
+    """The demo's state is small, so every field lives inside its checkpoint's manifest; each
+    save still wrote that manifest: no row, and not the total, reads "0 B"."""
+    _, html = demo
+    rows = CardTables(html).rows("checkpoints")
+    assert "0 B" not in {r["cells"][6] for r in rows} and " 0 B written" not in html
+
+
 def test_demo_card_lineage_is_the_chain_attempt_2_resumed_from(demo):
-    """Attempt 2 loaded epoch 16 (attempt 1), which descends from epoch 8 (attempt 0): the
-    lineage lists epochs 1..16, index 0 first, with their attempts; that row is marked loaded."""
+    """Attempt 2 loaded epoch 16 (attempt 1), which descends from epoch 8 (attempt 0): the rows
+    of epochs 1..16 carry lineage places 0..15, the loaded row is marked, attempt 2's own rows
+    are not in the lineage, and no checkpoint is listed a second time."""
     task, html = demo
     tables = CardTables(html)
-    lineage = tables.rows("lineage")
+    rows = tables.rows("checkpoints")
     loaded = task.metadata_dict["implicit-checkpoint-loaded"]
-    assert [r["cells"][0] for r in lineage] == [str(i) for i in range(16)]
-    assert [int(r["data-attempt"]) for r in lineage] == [0] * 8 + [1] * 8
-    assert lineage[-1]["data-key"] == loaded and "loaded" in lineage[-1]["class"]
-    assert [r["data-key"] for r in tables.rows("checkpoints") if "loaded" in r["class"]] == [loaded]
-    assert [r["cells"][-1].split()[0] for r in lineage] == [f"epoch={e}" for e in range(1, 17)]
+    assert [r["cells"][9] for r in rows] == [str(i) for i in range(16)] + [""] * 8
+    assert [r["data-key"] for r in rows if "loaded" in r["class"]] == [loaded] == [rows[15]["data-key"]]
+    assert tables.rows("lineage") == [] and "16 checkpoints, 0 the oldest ancestor, 15 the loaded one" in html
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +86,18 @@ def _cards(task, card_type=None):
 
 
 def test_fifty_checkpoints_per_foreach_branch(card_flow):
-    """Each foreach branch's card lists its own 50 checkpoints in order, says nothing was
-    loaded, and is the final render."""
+    """Each foreach branch's card counts its own 50 checkpoints and lists the newest 25 in
+    order (no metric to pick the best by), says nothing was loaded, and is the final render."""
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.card import NEWEST_ROWS
+
     for task in card_flow["many"]:
         (card,) = _cards(task, CARD_TYPE)
         html = card.get()
         rows = CardTables(html).rows("checkpoints")
-        expected = list(reversed(Checkpoint().list(task=task)))
-        assert len(rows) == 50 and [r["data-key"] for r in rows] == [c.key for c in expected]
-        assert [r["cells"][2] for r in rows] == [f"{'ab'[task.index]}-{i:02d}" for i in range(50)]
+        expected = list(reversed(Checkpoint().list(task=task)))[-NEWEST_ROWS:]
+        assert "50 checkpoints" in html and f"{NEWEST_ROWS} of 50" in html
+        assert len(rows) == NEWEST_ROWS and [r["data-key"] for r in rows] == [c.key for c in expected]
+        assert [r["cells"][2] for r in rows] == [f"{'ab'[task.index]}-{i:02d}" for i in range(50 - NEWEST_ROWS, 50)]
         assert not any("failed" in r["class"] for r in rows)
         assert "No checkpoint was loaded" in html and "No lineage found" in html
         assert f"(foreach {task.index})" in html
@@ -115,12 +125,40 @@ def test_users_own_card_keeps_current_card_append(card_flow, step):
     assert len(CardTables(ours.get()).rows("checkpoints")) == 1
 
 
-def test_no_card_with_card_false_or_without_a_save(card_flow):
-    """`@checkpoint(card=False)` attaches no card; a step that neither saves nor loads renders
-    none (that is what keeps it as fast as an undecorated step)."""
+def test_no_card_with_card_false_and_a_card_from_the_start_without_a_save(card_flow):
+    """`@checkpoint(card=False)` attaches no card; a step that neither saves nor loads still
+    has its card (the Metaflow UI waits for it), saying nothing was saved."""
     assert _cards(card_flow["opt_out"].task) == []
-    assert _cards(card_flow["idle"].task) == []
     assert Checkpoint().list(task=card_flow["opt_out"].task)  # it did save
+    (idle,) = _cards(card_flow["idle"].task)  # rendered at its start; no final render needed
+    assert "No checkpoints saved yet" in idle.get()
+
+
+def test_every_step_has_as_many_cards_as_decorators_named_card(card_flow):
+    """metaflow-ui waits for as many cards as the step has decorators named `card` in the run's
+    graph (`_graph_info`); under another name it stops waiting before the checkpoint card
+    exists. Each task ends with exactly that many cards."""
+    graph = card_flow["_parameters"].task["_graph_info"].data["steps"]
+    counted = {}
+    for step in card_flow:
+        expected = sum(d["name"] == "card" for d in graph[step.id]["decorators"])
+        counted[step.id] = expected
+        assert all(len(_cards(task)) == expected for task in step), step.id
+    assert counted["user_card_first"] == counted["user_card_last"] == 2 and counted["opt_out"] == 0
+    assert counted["idle"] == counted["many"] == 1 and counted["gather"] == 0
+
+
+def test_a_new_attempt_and_the_last_save_reach_the_card_within_seconds(run_flow):
+    """Read as the Metaflow UI reads it while the step runs: a retry's card shows the failed
+    attempt's rows marked before the retry saves or loads anything, and three saves within a
+    second followed by silence all show, in the data an open page applies and in the page
+    "Link to card" serves (Metaflow's own refresh would drop the last two)."""
+    result = run_flow(TEST_FLOWS / "card_quiet_flow.py", "run")
+    task = Run(f"CardQuietFlow/{result.run_id}")["start"].task
+    assert task.current_attempt == 1, result.output[-2000:]
+    attempt, last_save = task["attempt_shown_after"].data, task["last_save_shown_after"].data
+    assert attempt is not None and attempt < 10, result.output[-2000:]
+    assert last_save is not None and last_save < 10, result.output[-2000:]
 
 
 def test_failed_task_card_shows_every_attempt_marked_failed(run_flow):

@@ -41,7 +41,8 @@ def test_rows_are_oldest_first_with_failed_attempts_marked(root_url):
     assert [r["cells"][0] for r in rows] == ["1", "2", "3"]
     # small fields live inline: what this save wrote is its manifest, never "0 B"
     assert rows[2]["cells"][4] == "b w" and rows[2]["cells"][6] == f"{saved[2].written} B" != "0 B"
-    assert [(r["cells"][0], r["data-key"]) for r in tables.rows("lineage")] == [("0", saved[0].key), ("1", saved[1].key)]
+    # The lineage (first, second) is numbered in the rows, not listed a second time.
+    assert [r["cells"][9] for r in rows] == ["0", "1", ""] and tables.rows("lineage") == []
 
 
 def test_a_raising_attempt_marks_its_own_checkpoints_failed(root_url):
@@ -111,8 +112,8 @@ def test_in_place_update_carries_the_page_sections(root_url):
 
 
 def test_at_scale_the_page_shows_a_bounded_part_and_the_plot_covers_all():
-    """2,000 checkpoints: the table shows the newest, the best and the loaded one, the lineage
-    its nearest ancestors and the plot a bounded number of points spanning all of them, with the
+    """2,000 checkpoints: the table shows the newest, the best, the loaded one and its nearest
+    ancestors (numbered in the lineage column), and the plot a bounded number of points spanning all of them, with the
     best loss among them; the header still counts every checkpoint."""
     from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint import card
 
@@ -127,10 +128,13 @@ def test_at_scale_the_page_shows_a_bounded_part_and_the_plot_covers_all():
     request = CardRequest(loc.pathspec, loc.position, attempt=0, root=root, load_policy="fresh", loaded=saved[1500].key)
     view = build_view(checkpointer, request)
     shown = [r.checkpoint.key for r in view.rows]
-    assert view.total == 2000 and len(shown) <= card.NEWEST_ROWS + card.BEST_ROWS + 1
+    assert view.total == 2000 and len(shown) <= card.NEWEST_ROWS + card.BEST_ROWS + card.LINEAGE_ROWS + 1
     assert shown[-card.NEWEST_ROWS:] == [a.key for a in saved[-card.NEWEST_ROWS:]]
     assert saved[1234].key in shown and saved[1500].key in shown
-    assert len(view.lineage) == card.LINEAGE_ROWS and view.lineage[-1].checkpoint.key == saved[1500].key
+    # the nearest ancestors, all saved by this task: numbered in its rows, none listed twice
+    numbered = {r.checkpoint.key: r.lineage_index for r in view.rows if r.lineage_index is not None}
+    assert view.lineage_length == card.LINEAGE_ROWS and view.lineage == ()
+    assert numbered == {a.key: i for i, a in enumerate(saved[1500 - card.LINEAGE_ROWS + 1:1501])}
     assert len(view.plot.points) <= card.PLOT_POINTS and view.plot.low == 0.001
     assert view.plot.points[0][2].index == 1 and view.plot.points[-1][2].index == 2000
     html = render_page(view, "t")

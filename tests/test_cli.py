@@ -191,3 +191,22 @@ def test_the_notebook_client_reads_a_task_of_another_namespace(runs):
         assert [c.metadata["epoch"] for c in Checkpoint().lineage(listing[0])] == [12, 29, 30]
     finally:
         namespace(before)
+
+
+def test_without_a_user_name_pathspecs_work_and_the_latest_run_says_what_to_do(runs, metaflow_home, backend):
+    """With no user name in the environment, a pathspec still lists (any namespace is
+    readable), in the CLI and the notebook client; the latest run, which is looked up in the
+    user's namespace, is a one-line error saying to set USERNAME or name the run."""
+    env = {k: v for k, v in os.environ.items() if k not in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")}
+    env.update(METAFLOW_DEFAULT_METADATA="local", **backend.env)
+
+    def run(*args):
+        return subprocess.run(args, cwd=metaflow_home, env=env, capture_output=True, text=True)
+
+    assert epochs(listed(run(str(MFCHECKPOINT), "list", f"RetentionFlow/{runs[1]}", "--json"))) == [30, 29, 19, 18, 12, 10]
+    latest = run(str(MFCHECKPOINT), "list", "RetentionFlow")
+    assert latest.returncode == 2 and "Traceback" not in latest.stderr, latest.stderr
+    assert latest.stderr.startswith("Error: Metaflow could not determine your user name") and "Set USERNAME" in latest.stderr
+    client = run(sys.executable, "-c", "from metaflow import Checkpoint; "
+                 f"print([c.metadata['epoch'] for c in Checkpoint().list(task='RetentionFlow/{runs[1]}/start/1')])")
+    assert client.stdout.strip() == "[30, 29, 19, 18, 12, 10]", client.stderr

@@ -62,8 +62,9 @@ def test_include_of_a_missing_attribute_names_it(run_flow, write_flow):
 
 
 def test_unserializable_attribute_names_it_and_keeps_the_earlier_checkpoint(run_flow, write_flow):
-    """A lock on self fails the save naming it and suggesting exclude=; the checkpoint saved
-    before it is still listed and loads."""
+    """A lock on self fails the save naming it and saying what works (Metaflow pickles every
+    attribute at step end, so exclude= alone is not enough); the message shows although
+    Metaflow's own pickling error follows it; the checkpoint saved before it still loads."""
     body = """
 self.n = 1
 current.checkpoint.save()
@@ -72,17 +73,88 @@ current.checkpoint.save()
 """
     result = run_flow(flow(write_flow, body), "run", expect_ok=False)
     assert "Cannot checkpoint self.lock (_thread.lock) in step 'work'" in result.output
+    assert "`del self.lock` before the step ends (or keep it off self)" in result.output
     assert "@checkpoint(exclude=['lock'])" in result.output
+    assert "Internal error" not in result.output
     task = Run(f"ErrFlow/{result.run_id}")["work"].task
     (only,) = Checkpoint().list(task=task)
     assert Checkpoint().load(only) == {"n": 1}
+
+
+def test_following_the_unserializable_attribute_advice_works(run_flow, write_flow):
+    """What the message says to do: exclude the lock from checkpoints and `del self.lock`
+    before the step ends. The run succeeds and the checkpoint holds the rest."""
+    body = """
+self.lock = threading.Lock()
+self.n = 1
+current.checkpoint.save()
+del self.lock
+"""
+    result = run_flow(flow(write_flow, body, 'exclude=["lock"]'), "run")
+    (only,) = Checkpoint().list(task=Run(f"ErrFlow/{result.run_id}")["work"].task)
+    assert Checkpoint().load(only) == {"n": 1}
+
+
+NO_DECORATOR = """
+from metaflow import FlowSpec, current, step
+
+class BareFlow(FlowSpec):
+    @step
+    def start(self):
+        self.n = 1
+        current.checkpoint.save()
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+if __name__ == "__main__":
+    BareFlow()
+"""
+
+
+def test_current_checkpoint_without_the_decorator_says_to_add_it(run_flow, write_flow):
+    """current.checkpoint in a step without @checkpoint: Metaflow's own error format, naming
+    the file, line and step and saying to add the decorator; no "Internal error", no traceback."""
+    path = write_flow(NO_DECORATOR)
+    result = run_flow(path, "run", expect_ok=False)
+    assert f"No @checkpoint on this step in file {path} on line 8:" in result.output
+    assert "current.checkpoint is used but step 'start' has no @checkpoint. Add @checkpoint above @step" in result.output
+    assert "Internal error" not in result.output and "Traceback" not in result.output
+    assert "AttributeError" not in result.output
+
+
+def test_a_checkpoint_error_in_a_step_reads_like_metaflows_own(run_flow, write_flow):
+    """A CheckpointError leaving a step is printed as Metaflow prints its own errors: headline,
+    file and line, message; no "Internal error" and no traceback."""
+    path = flow(write_flow, 'current.checkpoint.load("garbage-key")')
+    result = run_flow(path, "run", expect_ok=False)
+    line = path.read_text().split("\n").index('        current.checkpoint.load("garbage-key")') + 1
+    assert f"Unreadable checkpoint in file {path} on line {line}:" in result.output
+    assert "'garbage-key' is not a checkpoint key." in result.output
+    assert "Internal error" not in result.output and "Traceback" not in result.output
+
+
+def test_a_checkpoint_error_caught_in_the_step_is_still_a_checkpoint_error(run_flow, write_flow):
+    """Inside the step, user code catches our own exception classes."""
+    body = """
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.exceptions import CheckpointFormatError
+try:
+    current.checkpoint.load("garbage-key")
+except CheckpointFormatError:
+    self.caught = True
+"""
+    result = run_flow(flow(write_flow, body), "run")
+    assert Run(f"ErrFlow/{result.run_id}")["work"].task["caught"].data is True
 
 
 def test_explicit_reference_that_does_not_exist_raises(run_flow, write_flow):
     """load(key) of a checkpoint that does not exist is an error naming the key."""
     body = 'current.checkpoint.load("ErrFlow/1/work/2/root/20260101T000000000000Z-a0-0123abcd")'
     result = run_flow(flow(write_flow, body), "run", expect_ok=False)
-    assert "CheckpointNotFound: No checkpoint ErrFlow/1/work/2/root/20260101T000000000000Z-a0-0123abcd" in result.output
+    assert "Checkpoint not found in file" in result.output
+    assert "No checkpoint ErrFlow/1/work/2/root/20260101T000000000000Z-a0-0123abcd" in result.output
 
 
 def test_another_flows_checkpoint_is_refused(run_flow, write_flow):

@@ -35,6 +35,9 @@ def test_training_resumes_to_exactly_the_uninterrupted_result(run_flow):
     assert task.current_attempt == 2
     by_attempt = [c.attempt for c in Checkpoint().list(task=task)]
     assert by_attempt == [2] * 8 + [1] * 8 + [0] * 8  # each attempt saved only its new epochs
+    # The demo proves its point itself, and says where to look next.
+    assert "same weights as an uninterrupted run, bit for bit" in crashed.output
+    assert f"Checkpoint().list(task={task.pathspec!r})" in crashed.output
 
 
 def test_foreach_branches_checkpoint_independently(run_flow):

@@ -59,8 +59,7 @@ def logged(capsys) -> str:
 
 
 def payload_url(cp, artifact, field):
-    m = artifact.implicit_manifest
-    ((digest, _),) = m["buffers"][slice(*m["fields"][field]["buffers"])]
+    ((digest, _),) = artifact.field_payloads(field)
     return cp.store.fs.unstrip_protocol(cp.store._object_path(LOC.flow, digest))
 
 

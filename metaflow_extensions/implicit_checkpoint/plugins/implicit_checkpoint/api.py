@@ -1,9 +1,10 @@
 """``current.checkpoint``: what a decorated step calls."""
 from __future__ import annotations
 
+import itertools
 import sys
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from . import retention
 from .background import BackgroundSaves, raise_failures
@@ -53,6 +54,7 @@ class CurrentCheckpoint:
         self._where = f"step {ctx.location.step!r} ({ctx.location.pathspec}, attempt {ctx.attempt})"
         self._looked_up = False
         self._resumable: Optional[CheckpointArtifact] = None
+        self._fallbacks: Optional[Iterator[CheckpointArtifact]] = None  # the lookup's other candidates
         self._loaded: Optional[CheckpointArtifact] = None
         self._parent: Optional[str] = None  # last checkpoint loaded or saved in this attempt
         self._used = False
@@ -67,7 +69,8 @@ class CurrentCheckpoint:
             self._looked_up = True
             if self._ctx.load_policy != "none":
                 with warnings_to_log():
-                    self._resumable = next(self._candidates(), None)
+                    self._fallbacks = self._candidates()
+                    self._resumable = next(self._fallbacks, None)
         return self._resumable
 
     @property
@@ -164,7 +167,10 @@ class CurrentCheckpoint:
         if reference is None:
             # Damaged payloads of the newest candidate: warn and fall back to an older one.
             with warnings_to_log():
-                found = restore_newest_intact(self._checkpointer, self._candidates())
+                # One lookup: what `latest` found first, then the rest of the same listing.
+                candidates = itertools.chain([self.latest], self._fallbacks) if self._fallbacks else self._candidates()
+                self._fallbacks = None
+                found = restore_newest_intact(self._checkpointer, candidates)
             self._resumable = found[0] if found else None
             if found is None:
                 return None

@@ -10,16 +10,20 @@ Guarantees:
 
 - at most ``max_pending`` saves run at once; ``submit`` waits for the oldest beyond that, so
   memory cannot grow without bound when storage is slower than the step (back-pressure);
+- the heap is not copied by garbage collections while children share it (``gc.freeze``
+  in the step until the last child is reaped; no collections in the child);
 - a child dies with its parent (``PR_SET_PDEATHSIG``): a crash loses the saves still pending,
   never a committed one, and no writer outlives its task;
 - each child reports its result (the stored manifest, or the error) through a pipe; errors
   are re-raised in the step by ``poll``/``wait`` naming the checkpoint.
 
-The child runs only code imported before the fork, writes no logs, and leaves by ``os._exit``.
+The child runs only code imported before the fork, never runs the garbage collector (which
+would copy every page of the heap), writes no logs, and leaves by ``os._exit``.
 """
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import select
@@ -63,6 +67,10 @@ class BackgroundSaves:
             done.append(self._reap(self._children[0]))
         read_fd, write_fd = os.pipe()
         parent = os.getpid()
+        # While a child shares the heap, a collection here would write to every object's
+        # header and copy each page of the heap (torch's included) once per pending save:
+        # objects that exist at the fork are left out of collections until no child is left.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:  # the child: never returns
             os.close(read_fd)
@@ -89,6 +97,8 @@ class BackgroundSaves:
         os.close(child.fd)
         _, status = os.waitpid(child.pid, 0)
         self._children.remove(child)
+        if not self._children:
+            gc.unfreeze()  # collected as usual again (garbage made meanwhile included)
         if chunks:
             return {"key": child.key, **json.loads(b"".join(chunks))}
         how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit code {os.WEXITSTATUS(status)}"
@@ -96,6 +106,9 @@ class BackgroundSaves:
 
 
 def _run_child(parent: int, write_fd: int, work: Callable[[], dict]) -> None:
+    # A collection would write to the header of every object of the task's heap (torch's
+    # included), copying each of its pages: the child never collects, and exits soon.
+    gc.disable()
     status = 0
     try:
         _die_with(parent)

@@ -73,6 +73,7 @@ class Row:
     checkpoint: CheckpointArtifact
     failed: bool
     loaded: bool
+    lineage_index: Optional[int] = None  # its place in the loaded checkpoint's lineage, if any
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ class CardView:
     request: CardRequest
     rows: tuple[Row, ...]  # the ones shown (see the module docstring), oldest first
     loaded: Optional[CheckpointArtifact]
-    lineage: tuple[Row, ...]
+    lineage: tuple[Row, ...]  # the ancestors saved by other tasks (this task's are in `rows`)
+    lineage_length: int
     plot: Optional[Plot]
     problem: Optional[str]
     rendered_on: str
@@ -110,9 +112,9 @@ class CardView:
 
 
 def build_view(checkpointer: Checkpointer, request: CardRequest) -> CardView:
-    """Read the task's checkpoints (oldest first) and the lineage of the loaded one."""
-    found = checkpointer.list(request.location)[::-1]  # oldest first, in ids.py's clock-free order
-    rows = tuple(Row(i + 1, a, request.is_failed(a), a.key == request.loaded) for i, a in enumerate(found))
+    """Read the task's checkpoints (oldest first) and the lineage of the loaded one. Ancestors
+    this task saved are numbered in its rows; only those of other tasks (an eager load's
+    earlier run) get rows of their own, so no checkpoint is listed twice."""
     chain: list[CheckpointArtifact] = []
     problem = None
     if request.loaded:
@@ -120,18 +122,29 @@ def build_view(checkpointer: Checkpointer, request: CardRequest) -> CardView:
             chain = follow_lineage(checkpointer, request.loaded, limit=LINEAGE_ROWS)
         except CheckpointError as exc:
             problem = f"The loaded checkpoint {request.loaded} cannot be read: {exc}"
-    lineage_rows = tuple(Row(i, a, request.is_failed(a), a.key == request.loaded) for i, a in enumerate(chain))
+    place = {a.key: i for i, a in enumerate(chain)}
+    try:
+        found = checkpointer.list(request.location)[::-1]  # oldest first, in ids.py's clock-free order
+    except CheckpointError as exc:  # the card says so, instead of failing to render
+        found, problem = [], f"The checkpoints cannot be read: {exc}"
+    rows = tuple(
+        Row(i + 1, a, request.is_failed(a), a.key == request.loaded, place.get(a.key)) for i, a in enumerate(found)
+    )
+    listed = {a.key for a in found}
+    elsewhere = tuple(
+        Row(i, a, request.is_failed(a), a.key == request.loaded, i) for i, a in enumerate(chain) if a.key not in listed
+    )
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     plot = make_plot(rows)
-    return CardView(request, _shown(rows, plot), chain[-1] if chain else None, lineage_rows, plot, problem, now,
-                    total=len(rows), written=sum(r.checkpoint.written for r in rows))
+    return CardView(request, _shown(rows, plot), chain[-1] if chain else None, elsewhere, len(chain), plot, problem,
+                    now, total=len(rows), written=sum(r.checkpoint.written for r in rows))
 
 
 def _shown(rows: tuple[Row, ...], plot: Optional[Plot]) -> tuple[Row, ...]:
     """The rows the table shows: the newest, the best by the plotted metric, the loaded one."""
     if len(rows) <= NEWEST_ROWS + BEST_ROWS:
         return rows
-    keep = {r.index for r in rows[-NEWEST_ROWS:]} | {r.index for r in rows if r.loaded}
+    keep = {r.index for r in rows[-NEWEST_ROWS:]} | {r.index for r in rows if r.loaded or r.lineage_index is not None}
     if plot is not None:
         valued = [r for r in rows if _is_number(r.checkpoint.metadata.get(plot.metric))]
         best = sorted(valued, key=lambda r: r.checkpoint.metadata[plot.metric])  # lowest first: a loss

@@ -1,24 +1,20 @@
 """Reading checkpoints back: find them, describe them from their manifests, restore values.
 
-Restoring reads each payload straight into a buffer of the size its sealed manifest states (one
-copy, storage to memory; nothing is allocated from lengths read out of a payload), hashes it on
-the way, and only unpickles the graph (``graph.py``) once every hash matched. Tensors and
-arrays then wrap those very buffers.
+Restoring reads and verifies every payload it needs (``payloads.py``) and only then unpickles
+the graph (``graph.py``); tensors and arrays wrap the very buffers the payloads were read into.
 """
 from __future__ import annotations
 
-import base64
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Iterable, Iterator, Optional
 
-from . import graph
-from .exceptions import CheckpointCorrupt, CheckpointError, CheckpointFormatError, CheckpointNotFound
+from . import graph, payloads
+from .exceptions import CheckpointError, CheckpointFormatError, CheckpointNotFound
 from .ids import attempt_of, observe
 from .manifest import FORMAT_VERSION, CheckpointArtifact, TaskLocation, parse_key, read_inline, read_manifest
 from .marks import PINS, RETIRED, is_marked, live_ids, marker_ids, put_marker
-from .store import HASHES, CheckpointStore
+from .store import CheckpointStore
 from .writer import Capture, capture, commit
 
 
@@ -30,6 +26,9 @@ class Checkpointer:
         # Manifests never change once written, so what was parsed (or saved) here is reused;
         # a listing still decides which checkpoints exist.
         self._parsed: dict[str, CheckpointArtifact] = {}
+        # The bytes of the manifests read last (a resume restores one of them right after
+        # finding it: its inline payloads are then not read again).
+        self._raw: dict[str, bytes] = {}
 
     def save(self, loc: TaskLocation, attempt: int, state: dict[str, Any], pin: bool = False,
              **options: Any) -> CheckpointArtifact:
@@ -68,7 +67,7 @@ class Checkpointer:
     def _read_stored(self, key: str) -> tuple[CheckpointArtifact, dict]:
         loc, checkpoint_id = parse_key(key)
         observe([checkpoint_id])  # what this process saves next is newer (ids.py)
-        data = self.store.get_manifest(loc, checkpoint_id)
+        data = self._raw.pop(key, None) or self.store.get_manifest(loc, checkpoint_id)
         url = self.store.manifest_url(loc, checkpoint_id)
         return read_manifest(data, url, self.store.sealer, key), read_inline(data, url)
 
@@ -98,57 +97,8 @@ class Checkpointer:
                 "(pip install 'metaflow-implicit-checkpoint<0.2'), or start afresh."
             )
         _, needed = graph.needed_buffers(entries, wanted)
-        body, buffers = self._fetch(artifact, inline, needed)
+        body, buffers = payloads.read(self.store, artifact, inline, needed)
         return artifact, graph.decode(body, buffers, entries, wanted, artifact.key)
-
-    def _fetch(self, artifact: CheckpointArtifact, inline: dict, needed: set) -> tuple[Any, list]:
-        """The verified stream and buffers of a checkpoint (never-touched stand-ins for the
-        buffers not ``needed``), read concurrently from remote stores."""
-        m = artifact.implicit_manifest
-        algorithm = m.get("hash")
-        if algorithm not in HASHES:
-            raise CheckpointCorrupt(f"Checkpoint {artifact.key} uses hash {algorithm!r}, unknown here.")
-        order = [-1, *sorted(needed)]  # -1: the stream
-        payloads = [m["body"] if i < 0 else m["buffers"][i] for i in order]
-        read = lambda payload: self._payload(artifact, inline, algorithm, *payload)
-        if self.store.is_local or len(payloads) < 2:
-            found = list(map(read, payloads))
-        else:
-            with ThreadPoolExecutor(max_workers=min(8, len(payloads))) as pool:
-                found = list(pool.map(read, payloads))
-        by_index = dict(zip(order, found))
-        buffers = [by_index[i] if i in by_index else _new_buffer(size)
-                   for i, (_, size) in enumerate(m["buffers"])]
-        return by_index[-1], buffers
-
-    def _payload(self, artifact: CheckpointArtifact, inline: dict, algorithm: str, digest: str, size: int) -> Any:
-        """One payload, read into a buffer of the size the manifest states, hash verified."""
-        hasher = HASHES[algorithm]()
-        buffer = _new_buffer(size)
-        try:
-            if digest in inline:
-                data = base64.b64decode(inline[digest])
-                ok = len(data) == size
-                if ok:
-                    _bytes_view(buffer)[:] = data
-                    hasher.update(data)
-            else:
-                with self.store.open_object(artifact.location.flow, digest) as f:
-                    ok = _read_verified(f, _bytes_view(buffer), hasher)
-        except CheckpointNotFound:
-            raise CheckpointCorrupt(
-                f"{_owner(artifact, digest)} of checkpoint {artifact.key} is missing its payload "
-                f"({algorithm}:{digest}). Load an earlier checkpoint (see list())."
-            ) from None
-        except (ValueError, TypeError):  # inline bytes that are not base64
-            ok = False
-        if not ok or hasher.hexdigest() != digest:
-            raise CheckpointCorrupt(
-                f"{_owner(artifact, digest)} of checkpoint {artifact.key} does not match its hash "
-                f"{algorithm}:{digest} (or its size): the stored bytes were damaged. Load an "
-                "earlier checkpoint (see list())."
-            )
-        return buffer
 
     def list(self, loc: TaskLocation, name: Optional[str] = None, attempt: Optional[int] = None) -> list[CheckpointArtifact]:
         """A task's checkpoints over all its attempts, newest first (``ids.py``: by attempt, then
@@ -194,50 +144,12 @@ class Checkpointer:
                 continue  # deleted between listing and reading
             try:
                 self.remember(read_manifest(data, f"{folder}/{checkpoint_id}.json", sealer, loc.key(checkpoint_id)))
+                self._raw[loc.key(checkpoint_id)] = data
+                while len(self._raw) > 32:
+                    del self._raw[next(iter(self._raw))]
             except CheckpointError as exc:
                 warnings.warn(f"Skipping unreadable checkpoint {loc.key(checkpoint_id)}: {exc}")
         return [self._parsed[k] for k in map(loc.key, ids) if k in self._parsed]
-
-
-_CHUNK = 16 << 20
-
-
-def _read_verified(f, view: memoryview, hasher) -> bool:
-    """Read exactly ``len(view)`` bytes into ``view``, 16 MiB at a time, while a second thread
-    hashes the chunk read before (both release the GIL), so verifying costs no time on top of
-    reading. False if the payload is shorter or longer than that."""
-    chunks = [view[i:i + _CHUNK] for i in range(0, len(view), _CHUNK)]
-    with ThreadPoolExecutor(max_workers=1) as hashing:
-        hashed = None
-        for chunk in chunks:
-            if not _read_into(f, chunk):
-                return False
-            if hashed is not None:
-                hashed.result()
-            hashed = hashing.submit(hasher.update, chunk)
-        if hashed is not None:
-            hashed.result()
-    return not f.read(1)
-
-
-def _owner(artifact: CheckpointArtifact, digest: str) -> str:
-    """``Field 'w'``: who holds a payload, for errors (the stream holds every field)."""
-    m = artifact.implicit_manifest
-    names = [n for n, f in m["fields"].items() if any(p[0] == digest for p in m["buffers"][slice(*f["buffers"])])]
-    return f"Field {', '.join(map(repr, names))}" if names else f"The object graph (fields {', '.join(map(repr, m['fields']))})"
-
-
-def _bytes_view(buffer) -> memoryview:
-    return memoryview(buffer).cast("B")
-
-
-def _read_into(f, view: memoryview) -> bool:
-    while view:
-        n = f.readinto(view)
-        if not n:
-            return False  # truncated
-        view = view[n:]
-    return True
 
 
 def _with_pins(found: list[CheckpointArtifact], loc: TaskLocation, store) -> list[CheckpointArtifact]:
@@ -246,10 +158,3 @@ def _with_pins(found: list[CheckpointArtifact], loc: TaskLocation, store) -> lis
     return [a if a.pinned == p else replace(a, pinned=p) for a, p in zip(found, pinned)]
 
 
-def _new_buffer(size: int):
-    try:  # numpy's allocator uses huge pages where it can: much faster to fill than bytearray
-        import numpy
-
-        return numpy.empty(size, dtype=numpy.uint8)
-    except ImportError:
-        return bytearray(size)

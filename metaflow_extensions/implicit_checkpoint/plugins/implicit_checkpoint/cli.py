@@ -22,6 +22,16 @@ from .exceptions import CheckpointError, CheckpointFormatError, CheckpointNotFou
 from .manifest import parse_key
 
 EXIT = {"ok": 0, "not found": 1, "usage": 2, "refused": 3, "failed": 4}
+NO_USER = (
+    "Metaflow could not determine your user name, which it needs to find the latest run in "
+    "your namespace. Set USERNAME (export USERNAME=$(whoami)), or name the run: "
+    "Flow/1732, Flow/1732/train, Flow/1732/train/4."
+)
+NOT_LOADED = (
+    "Metaflow did not load metaflow-implicit-checkpoint ({error}). Metaflow loads extensions "
+    "only from a normal install or a compat editable one: "
+    "pip install -e . --config-settings editable_mode=compat"
+)
 
 
 class CliError(Exception):
@@ -46,7 +56,7 @@ def _handled(command):
 
     @functools.wraps(command)
     def run(*args, **kwargs):
-        from metaflow.exception import MetaflowNamespaceMismatch, MetaflowNotFound
+        from metaflow.exception import MetaflowNamespaceMismatch, MetaflowNotFound, MetaflowUnknownUser
 
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -60,6 +70,8 @@ def _handled(command):
             message, code = str(exc), exc.code
         except (CheckpointNotFound, MetaflowNotFound, MetaflowNamespaceMismatch) as exc:
             message, code = str(exc).strip(), EXIT["not found"]
+        except MetaflowUnknownUser:
+            message, code = NO_USER, EXIT["usage"]
         except CheckpointPinned as exc:
             message, code = str(exc), EXIT["refused"]
         except (CheckpointError, OSError) as exc:
@@ -227,6 +239,11 @@ for _command in COMMANDS:
 
 def main() -> None:
     """The ``mfcheckpoint`` console script."""
+    try:
+        from metaflow import Checkpoint  # noqa: F401  (only there if Metaflow loaded us)
+    except ImportError as error:
+        click.echo(f"Error: {NOT_LOADED.format(error=error)}", err=True)
+        sys.exit(EXIT["failed"])
     mfcheckpoint(prog_name="mfcheckpoint")
 
 

@@ -6,8 +6,9 @@ back through Metaflow's client, in any namespace.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from . import marks
 from .references import Reference, key_in_store, key_of
@@ -21,6 +22,25 @@ from .store import open_store
 ROOT_FIELD = "implicit-checkpoint-root"
 POSITION_FIELD = "implicit-checkpoint-position"
 LOADED_FIELD = "implicit-checkpoint-loaded"
+
+
+@contextmanager
+def any_namespace() -> Iterator[None]:
+    """Metaflow's client across all namespaces, and the caller's namespace back afterwards.
+
+    A pathspec names one task in any namespace; reading it needs no user name. Metaflow's
+    client resolves its default namespace, the user's (``$USERNAME``), the first time it is
+    asked, even for objects read with the check off; without a user name that raises
+    ``MetaflowUnknownUser``. So the client's namespace is set aside, not resolved.
+    """
+    from metaflow.client import core
+
+    saved = core.current_namespace  # False: the default, not resolved yet
+    core.current_namespace = None
+    try:
+        yield
+    finally:
+        core.current_namespace = saved
 
 
 def _task(task: Any):
@@ -104,19 +124,20 @@ class Checkpoint:
         ones, which are reported."""
         from metaflow import Run
 
-        run = Run(run, _namespace_check=False) if isinstance(run, str) else run
         deleted, pinned = [], []
-        for step in run:
-            for task in step:
-                found = self._locate(task)
-                if found is None:
-                    continue
-                checkpointer, loc = found
-                for artifact in checkpointer.list(loc):
-                    if artifact.pinned:
-                        pinned.append(artifact.key)
-                    elif marks.retire(checkpointer.store, artifact.key):
-                        deleted.append(artifact.key)
+        with any_namespace():
+            run = Run(run, _namespace_check=False) if isinstance(run, str) else run
+            tasks = [task for step in run for task in step]
+        for task in tasks:
+            found = self._locate(task)
+            if found is None:
+                continue
+            checkpointer, loc = found
+            for artifact in checkpointer.list(loc):
+                if artifact.pinned:
+                    pinned.append(artifact.key)
+                elif marks.retire(checkpointer.store, artifact.key):
+                    deleted.append(artifact.key)
         return RunDeletion(run.pathspec, deleted, pinned)
 
     # ----- finding a task's storage ---------------------------------------------------
@@ -138,8 +159,9 @@ class Checkpoint:
         return found[0]
 
     def _locate(self, task: Any) -> Optional[tuple[Checkpointer, TaskLocation]]:
-        task = _task(task)
-        meta = task.metadata_dict
+        with any_namespace():
+            task = _task(task)
+            meta = task.metadata_dict
         root = self._root or meta.get(ROOT_FIELD)
         if root is None:
             return None

@@ -1,6 +1,7 @@
 """``@checkpoint``: the Metaflow hooks, and nothing else."""
 from __future__ import annotations
 
+import inspect
 import sys
 
 from metaflow.decorators import StepDecorator
@@ -11,10 +12,11 @@ from metaflow.metaflow_current import current
 from .api import CurrentCheckpoint, StepContext
 from .card_decorator import attach_card
 from .checkpointer import Checkpointer
-from .exceptions import CheckpointError
+from .exceptions import CheckpointError, CheckpointSaveError
 from .client import LOADED_FIELD, POSITION_FIELD, ROOT_FIELD
 from .manifest import TaskLocation
 from .retention import parse_keep
+from .step_errors import CheckpointStepException
 from .store import open_store
 
 LOAD_POLICIES = ("fresh", "eager", "none")
@@ -137,18 +139,32 @@ class CheckpointDecorator(StepDecorator):
         self._api = CurrentCheckpoint(Checkpointer(open_store(url)), ctx)
         current._update_env({"checkpoint": self._api})
 
+    def task_decorate(self, step_func, flow, graph, retry_count, max_user_code_retries, ubf_context):
+        source_file = inspect.getfile(type(flow))
+
+        def step():
+            try:
+                return step_func()
+            except CheckpointError as error:
+                raise CheckpointStepException(error, source_file) from error
+
+        return step
+
     def task_post_step(self, step_name, flow, graph, retry_count, max_user_code_retries):
         self._api.wait()  # the task does not end before its saves are durable (or it fails)
 
     def task_exception(self, exception, step_name, flow, graph, retry_count, max_user_code_retries):
-        # Metaflow persists the task's artifacts after this hook; if that fails too (an
-        # unpicklable attribute is often why a save failed), its error hides ours. Say ours first.
+        # Metaflow prints the step's exception, unless persisting the task's artifacts after
+        # this hook fails too: its error then hides ours. Say ours here when that will happen:
+        # a background save failed (this attempt is over), or an attribute could not be
+        # pickled (it is still on self, and Metaflow pickles every attribute).
         try:
             self._api.wait()
         except CheckpointError as failed:
             print(f"{failed.headline}: {failed}", file=sys.stderr)
-        if isinstance(exception, CheckpointError):
-            print(f"{exception.headline}: {exception}", file=sys.stderr)
+        error = exception.__cause__ if isinstance(exception, CheckpointStepException) else None
+        if isinstance(error, CheckpointSaveError) and error.__cause__ is not None:
+            print(f"{error.headline}: {error}", file=sys.stderr)
 
     def _loaded(self, artifact, record):
         record({LOADED_FIELD: artifact.key})

@@ -60,7 +60,7 @@ class Graph:
 
     body: bytes
     buffers: tuple  # memoryviews of live memory (or of host copies of device tensors)
-    fields: dict  # name -> {"type", "size", "span", "buffers", "shares", [shape, dtype, device]}
+    fields: dict  # name -> {"type", "size", "span", [buffers, shares, shape, dtype, device]}
     keepalive: tuple = ()  # host copies of device storages, alive until the save is written
 
     @property
@@ -135,35 +135,39 @@ def encode(state: dict[str, Any], where: str) -> Graph:
     sizes = [b.nbytes for b in pickler.buffers]
     fields = {}
     for name, (start, end, b0, b1) in spans.items():
-        fields[name] = {
-            "type": type_name(state[name]), "size": end - start + sum(sizes[b0:b1]),
-            "span": [start, end], "buffers": [b0, b1], "shares": sorted(shared[name]),
-            **describe(state[name]),
-        }
+        fields[name] = {"type": type_name(state[name]), "size": end - start + sum(sizes[b0:b1]),
+                        "span": [start, end], **describe(state[name])}
+        if b1 > b0:  # omitted when empty: list() parses every manifest
+            fields[name]["buffers"] = [b0, b1]
+        if shared[name]:
+            fields[name]["shares"] = sorted(shared[name])
     graph = Graph(stream.getvalue(), tuple(pickler.buffers), fields,
                   tuple(ref for ref, _ in pickler.storages.values()))
     # The pickler is in a reference cycle (its bound reducer_override), so it lives until the
     # garbage collector runs: drop what it holds now, or replaced states would stay alive.
     pickler.clear_memo()
-    pickler.visited, pickler.storages, pickler.buffers = [], {}, []
+    for held in (pickler.visited, pickler.storages, pickler.buffers):
+        held.clear()  # in place: persistent_id is the visited list's own append
     return graph
 
 
 def _shares(names: list[str], visited: list, bounds: list[int]) -> dict[str, set]:
-    """Which fields reach an object another field reaches too (every object stays alive in
+    """Which fields reach an object an earlier field reached (every object stays alive in
     ``visited`` meanwhile, so an id means one object). Filtering out atoms and intersecting
     runs in C; only objects found in two fields are looked at one by one."""
-    kept, ids = [], []
+    shared: dict[str, set] = {n: set() for n in names}
+    owner: dict[int, int] = {}  # id -> the first field that reached it
     for i in range(len(names)):
         objects = visited[bounds[i]:bounds[i + 1]]
-        kept.append(list(itertools.compress(objects, map(operator.not_, map(_ATOMS.__contains__, map(type, objects))))))
-        ids.append(set(map(id, kept[-1])))
-    shared: dict[str, set] = {n: set() for n in names}
-    for i, j in itertools.combinations(range(len(names)), 2):
-        common = ids[i] & ids[j]
-        if common and any(_is_state(o) for o in kept[i] if id(o) in common):
-            shared[names[i]].add(names[j])
-            shared[names[j]].add(names[i])
+        kept = list(itertools.compress(objects, map(operator.not_, map(_ATOMS.__contains__, map(type, objects)))))
+        ids = set(map(id, kept))
+        common = ids.intersection(owner)  # most often a few classes and dtypes
+        if common:
+            by_id = dict(zip(map(id, kept), kept))
+            for j in {owner[k] for k in common if _is_state(by_id[k])} - {i}:
+                shared[names[i]].add(names[j])
+                shared[names[j]].add(names[i])
+        owner.update(dict.fromkeys(ids - common, i))
     return shared
 
 
@@ -201,8 +205,8 @@ def needed_buffers(fields: dict, wanted: Optional[Sequence[str]]) -> tuple[list[
             name = todo.pop()
             if name not in closure:
                 closure.add(name)
-                todo.extend(fields[name]["shares"])
-    indices = {i for n in closure for i in range(*fields[n]["buffers"])}
+                todo.extend(fields[name].get("shares", ()))
+    indices = {i for n in closure for i in range(*fields[n].get("buffers", (0, 0)))}
     return sorted(closure), indices
 
 

@@ -157,7 +157,7 @@ class CheckpointArtifact:
     def field_payloads(self, name: str) -> list[tuple[str, int]]:
         """(hex digest, size) of the buffers first reached through field ``name``."""
         m = self.implicit_manifest
-        return [(digest, size) for digest, size in m["buffers"][slice(*m["fields"][name]["buffers"])]]
+        return [(digest, size) for digest, size in m["buffers"][slice(*m["fields"][name].get("buffers", (0, 0)))]]
 
     @property
     def location(self) -> TaskLocation:
@@ -233,6 +233,8 @@ def read_manifest(data: bytes, url: str, sealer: Sealer, key: Optional[str]) -> 
     _check_shape(body, url)
     del body["format"]
     body["url"] = url
+    if isinstance(body.get("written"), int):
+        body["written"] += len(data)  # stored: the payload bytes; the manifest counts itself
     return CheckpointArtifact.from_dict(body)
 
 
@@ -265,8 +267,8 @@ def _check_shape(body: dict, url: str) -> None:
 
 
 _V1_KEYS = {"type", "size", "hash", "serializer"}
-_V2_KEYS = {"type", "size", "span", "buffers", "shares"}
-_V2_OPTIONAL = {"shape", "dtype", "device"}
+_V2_KEYS = {"type", "size", "span"}
+_V2_OPTIONAL = {"buffers", "shares", "shape", "dtype", "device"}
 
 
 def _fields_ok(manifest: dict) -> bool:

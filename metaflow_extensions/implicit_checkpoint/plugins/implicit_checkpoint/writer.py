@@ -7,25 +7,24 @@ grows with the number of objects, not with their bytes. ``commit`` then runs, in
 (asynchronous saves), in this order:
 
 1. hash the pickle stream and each buffer (xxh3-128 at memory speed; sha256 when manifests
-   are signed): every one is a payload addressed by its content;
+   are signed): every one is a payload addressed by its content (``payloads.py``);
 2. payloads up to ``INLINE_MAX`` bytes go inside the manifest; any other is written as its own
    object unless the store already has its hash (an unchanged tensor or array costs nothing);
 3. write the manifest: the commit point. Before it, the checkpoint does not exist.
 """
 from __future__ import annotations
 
-import base64
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
+from . import payloads
 from .exceptions import CheckpointSaveError
 from .graph import SERIALIZER, Graph, encode
 from .manifest import FORMAT_VERSION, CheckpointArtifact, TaskLocation, manifest_bytes, new_checkpoint_id
 from .snapshot import type_name
-from .store import INLINE_MAX, CheckpointStore, content_hash
+from .store import CheckpointStore
 
 MAX_NAME_LENGTH = 128
 
@@ -96,31 +95,11 @@ def commit(store: CheckpointStore, cap: Capture) -> CheckpointArtifact:
     """Write the payloads that are new, then the manifest; return the stored checkpoint.
 
     ``written`` counts every byte this save put in storage: new payloads and the manifest."""
-    algorithm, inline, objects, listed = store.hash_name, {}, {}, []
-    for part in (cap.graph.body, *cap.graph.buffers):
-        digest, size = content_hash([part], algorithm), memoryview(part).nbytes
-        listed.append([digest, size])
-        if size <= INLINE_MAX:
-            inline[digest] = base64.b64encode(part).decode()
-        else:
-            objects[digest] = part  # a buffer twice in one graph is written once
-    written = sum(_put_all(store, cap.loc.flow, list(objects.items())))
-    payloads = {"hash": algorithm, "body": listed[0], "buffers": listed[1:]}
-    artifact = cap.artifact(payloads, written)
+    listed, inline, written = payloads.write(store, cap.loc.flow, (cap.graph.body, *cap.graph.buffers))
+    artifact = cap.artifact(listed, written)  # the manifest stores the payload bytes ...
     manifest = manifest_bytes(artifact, store.sealer, inline)
-    while artifact.written != written + len(manifest):  # the manifest counts itself: 2-3 rounds
-        artifact = replace(artifact, written=written + len(manifest))
-        manifest = manifest_bytes(artifact, store.sealer, inline)
-    return artifact.with_url(store.put_manifest(cap.loc, cap.checkpoint_id, manifest))
-
-
-def _put_all(store: CheckpointStore, flow: str, objects: list) -> list[int]:
-    """Write payloads: one after another on a local disk (it gains nothing from more), a few
-    at a time on remote stores, where each request waits on the network."""
-    if store.is_local or len(objects) < 2:
-        return [store.put_object(flow, digest, [part]) for digest, part in objects]
-    with ThreadPoolExecutor(max_workers=min(8, len(objects))) as pool:
-        return list(pool.map(lambda item: store.put_object(flow, item[0], [item[1]]), objects))
+    url = store.put_manifest(cap.loc, cap.checkpoint_id, manifest)
+    return replace(artifact, url=url, written=written + len(manifest))  # ... readers add its own
 
 
 def check_name(name: Any, where: str) -> None:

@@ -17,7 +17,13 @@ from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.card im
     render_sections,
 )
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.checkpointer import Checkpointer
-from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import open_store
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.retry import RetryPolicy
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.storage_options import storage_options
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import CheckpointStore
+
+# A card render gives up on unreachable storage after this long (a step's saves retry for a
+# minute); the card then shows the problem. The task waits for a render in progress as it ends.
+CARD_RETRY_SECONDS = 5.0
 
 
 class StaleCardRender(RuntimeError):
@@ -65,8 +71,9 @@ class ImplicitCheckpointCard(MetaflowCard):
                 f"The {CARD_TYPE} card is attached by @checkpoint, which tells it where the "
                 f"checkpoints are; remove @card(type={CARD_TYPE!r}) from the step."
             )
-        request = CardRequest(pathspec=task.pathspec, **self._options, **((data or {}).get("user") or {}))
-        return build_view(Checkpointer(open_store(request.root)), request)
+        request = CardRequest(pathspec=task.pathspec, **self._options)
+        store = CheckpointStore(request.root, storage_options(request.root), retry=RetryPolicy(deadline=CARD_RETRY_SECONDS))
+        return build_view(Checkpointer(store), request)
 
 
 CARDS = [ImplicitCheckpointCard]
