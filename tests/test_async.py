@@ -104,7 +104,7 @@ def test_slow_storage_applies_back_pressure_and_bounds_memory(faulty, monkeypatc
     step plus its writers stays within the state plus two pending snapshots."""
     monkeypatch.setattr(FaultyFileSystem, "write_delay", 0.3)
     flow, api = make_api(faulty)
-    size = 16 * MB
+    size = 64 * MB  # large beside the interpreter pages a fork copies (tens of MB with torch imported)
     flow.w = np.zeros(size // 8)
     baseline = _pss_kb(os.getpid()) * 1024
     peak = 0
@@ -115,7 +115,7 @@ def test_slow_storage_applies_back_pressure_and_bounds_memory(faulty, monkeypatc
         pids = [os.getpid()] + [c.pid for c in api._background._children]
         peak = max(peak, sum(_pss_kb(p) for p in pids) * 1024)
     api.wait()
-    # Each pending writer pins one replaced state (16 MB) plus the interpreter pages it
+    # Each pending writer pins one replaced state (64 MB) plus the interpreter pages it
     # touches (a few MB); six unbounded writers would pin well over 6 states.
     assert peak - baseline <= 5 * size
     assert len(api.list()) == 6
