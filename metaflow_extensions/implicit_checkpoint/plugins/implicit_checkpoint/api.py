@@ -91,7 +91,7 @@ class CurrentCheckpoint:
         """Snapshot the step's attributes and return the checkpoint.
 
         Returns once the state is captured: large states are written in the background (the
-        returned artifact then lacks field hashes and ``written``; ``wait()`` returns the
+        returned artifact then lacks payload hashes and ``written``; ``wait()`` returns the
         stored ones). ``wait=True`` returns only when this and every earlier save is durable.
         ``latest=False`` keeps and lists the checkpoint but never picks it for a default
         ``load()``. ``pin=True`` exempts it from ``@checkpoint(keep=...)`` retention.
