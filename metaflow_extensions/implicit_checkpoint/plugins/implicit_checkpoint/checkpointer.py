@@ -96,9 +96,9 @@ class Checkpointer:
                 "garbage-collects it). Load it with the version that wrote it "
                 "(pip install 'metaflow-implicit-checkpoint<0.2'), or start afresh."
             )
-        _, needed = graph.needed_buffers(entries, wanted)
+        closure, needed = graph.needed_buffers(entries, wanted)
         body, buffers = payloads.read(self.store, artifact, inline, needed)
-        return artifact, graph.decode(body, buffers, entries, wanted, artifact.key)
+        return artifact, graph.decode(body, buffers, entries, wanted, closure, artifact.key)
 
     def list(self, loc: TaskLocation, name: Optional[str] = None, attempt: Optional[int] = None) -> list[CheckpointArtifact]:
         """A task's checkpoints over all its attempts, newest first (``ids.py``: by attempt, then

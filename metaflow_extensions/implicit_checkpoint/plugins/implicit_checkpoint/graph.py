@@ -61,7 +61,6 @@ class Graph:
     body: bytes
     buffers: tuple  # memoryviews of live memory (or of host copies of device tensors)
     fields: dict  # name -> {"type", "size", "span", [buffers, shares, shape, dtype, device]}
-    keepalive: tuple = ()  # host copies of device storages, alive until the save is written
 
     @property
     def size(self) -> int:
@@ -141,8 +140,8 @@ def encode(state: dict[str, Any], where: str) -> Graph:
             fields[name]["buffers"] = [b0, b1]
         if shared[name]:
             fields[name]["shares"] = sorted(shared[name])
-    graph = Graph(stream.getvalue(), tuple(pickler.buffers), fields,
-                  tuple(ref for ref, _ in pickler.storages.values()))
+    # Each buffer keeps what it views alive (a host copy of a device storage included).
+    graph = Graph(stream.getvalue(), tuple(pickler.buffers), fields)
     # The pickler is in a reference cycle (its bound reducer_override), so it lives until the
     # garbage collector runs: drop what it holds now, or replaced states would stay alive.
     pickler.clear_memo()
@@ -210,11 +209,12 @@ def needed_buffers(fields: dict, wanted: Optional[Sequence[str]]) -> tuple[list[
     return sorted(closure), indices
 
 
-def decode(body: bytes, buffers: list, fields: dict, wanted: Optional[Sequence[str]], key: str) -> dict[str, Any]:
+def decode(body: bytes, buffers: list, fields: dict, wanted: Optional[Sequence[str]], needed: list[str],
+           key: str) -> dict[str, Any]:
     """Unpickle the fields ``wanted`` (all when ``None``) of a graph whose buffers are given
-    in stream order (stand-ins where a field outside the needed set owns them)."""
+    in stream order (stand-ins where a field outside ``needed``, from ``needed_buffers``,
+    owns them)."""
     order = sorted(fields, key=lambda n: fields[n]["span"][0])
-    needed, _ = needed_buffers(fields, wanted)
     last = max((order.index(n) for n in needed), default=-1)
     unpickler = _Unpickler(io.BytesIO(body), buffers=iter(buffers))
     values = {}

@@ -29,7 +29,7 @@ class StorageRef:
 
         self.device = str(storage.device)
         host = storage if storage.device.type == "cpu" else storage.cpu()
-        self.host = host  # kept alive until the save is written
+        # A numpy view of the host bytes: it keeps them alive until the save is written.
         self.view = torch.empty(0, dtype=torch.uint8).set_(host).numpy() if host.nbytes() else bytearray()
 
     def reduce(self) -> tuple:
