@@ -52,7 +52,7 @@ class Fuzzer:
         self.cp, self.rng = cp, random.Random(seed)
         self.me = SimpleNamespace(n=0)
         self.api = self.facade(attempt=0)  # saves; loads are made by attempt 1
-        self.good = self.api.save()
+        self.good = self.api.save(wait=True)
         self.marker = os.path.join(tempfile.mkdtemp(), "unpickled")
 
     def facade(self, attempt: int = 1) -> CurrentCheckpoint:
@@ -135,7 +135,7 @@ class Fuzzer:
     def forged(self):
         os.environ[SECRET_ENV] = "the-real-secret"
         self.me.n = self.kept = self.rng.randrange(10**9)
-        keep = self.api.save()  # signed, and the newest checkpoint but for the forgery
+        keep = self.api.save(wait=True)  # signed, and the newest checkpoint but for the forgery
         graph = encode({"n": Trap(self.marker)}, "a forger's script")
         digest = content_hash([graph.body], "sha256")
         self.cp.store.put_object(LOC.flow, digest, [graph.body])
@@ -159,10 +159,10 @@ class Fuzzer:
     def _two_checkpoints(self):
         self.me.n = self.kept = self.rng.randrange(10**9)
         self.me.pad = self.me.n.to_bytes(8, "little") * 1024  # large: the stream is its own payload
-        keep = self.api.save()
+        keep = self.api.save(wait=True)
         self.me.n += 1
         self.me.pad = self.me.n.to_bytes(8, "little") * 1024
-        return keep, self.api.save()
+        return keep, self.api.save(wait=True)
 
     def _refused(self, call: Callable, error: type, what: str):
         try:

@@ -40,11 +40,18 @@ CONST = np.arange(150_000)  # never changes: written once, then only referenced
 RETRY = RetryPolicy(deadline=30.0, base=0.01, cap=0.2)
 
 
-def state(tag: str, i: int, history: list) -> dict:
-    """State i of writer ``tag``; payload sizes vary from 8 KB to 1.6 MB so writes take time."""
+def state(tag: str, i: int, history: list, log: list | None = None) -> dict:
+    """State i of writer ``tag``; payload sizes vary from 8 KB to 1.6 MB so writes take time.
+    ``log`` (one line per entry of the history) is a long list kept as runs (segments.py): the
+    writer appends to one list, as a batch job would."""
     rng = np.random.default_rng(i)  # w depends on i alone: a retry re-saving state i reuses its payload
+    history = history + [[tag, i]]
     return {"tag": tag, "i": i, "w": rng.normal(size=1000 + (i * 7919) % 200_000),
-            "const": CONST, "history": history + [[tag, i]]}
+            "const": CONST, "history": history, "log": [line(*h) for h in history] if log is None else log}
+
+
+def line(tag: str, i: int) -> str:
+    return f"{tag}:{i}:" + "x" * (i % 200)
 
 
 def check(values: dict, metadata: dict) -> str:
@@ -58,6 +65,8 @@ def check(values: dict, metadata: dict) -> str:
         return f"arrays of {tag}/{i} differ from what was saved"
     if history[-1] != [tag, i] or [h[1] for h in history] != list(range(i + 1)):
         return f"history of {tag}/{i} is not a chain ending in it: {history[-3:]}"
+    if values.get("log") != [line(*h) for h in history]:
+        return f"log of {tag}/{i} does not match its history"
     return ""
 
 
@@ -103,6 +112,8 @@ def main() -> int:
     parser.add_argument("--phase-file")
     parser.add_argument("--fault-rate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batched", action="store_true",
+                        help="save as a step does (batched in a writer thread), acknowledging what wait() returns")
     args = parser.parse_args()
     tag = args.tag or f"a{args.attempt}"
     phases = Phases(args.phase_file)
@@ -125,15 +136,41 @@ def main() -> int:
             print(f"CORRUPT {artifact.key}: {problem}", flush=True)
             return 3
         history, i = values["history"], values["i"] + 1
+        log = values["log"]
         print(f"resumed {artifact.key} {values['i']}", flush=True)
     else:
+        log = []
         print("fresh", flush=True)
+    if args.batched:
+        return batched(cp, loc, args, tag, i, history, log)
     for n in range(args.saves or sys.maxsize):
         phases.set("S")
-        artifact = cp.save(loc, args.attempt, state(tag, i + n, history), metadata={"tag": tag, "i": i + n})
+        log.append(line(tag, i + n))
+        artifact = cp.save(loc, args.attempt, state(tag, i + n, history, log), metadata={"tag": tag, "i": i + n})
         phases.set("-")
         history = history + [[tag, i + n]]
         print(f"saved {i + n} {artifact.key}", flush=True)
+    return 0
+
+
+def batched(cp: Checkpointer, loc: TaskLocation, args, tag: str, i: int, history: list, log: list) -> int:
+    """Save like ``current.checkpoint.save()`` in a step: queued, coalesced, written by the
+    writer thread; a save is acknowledged once a ``wait()`` (every fourth save) returns it."""
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.api import CurrentCheckpoint, StepContext
+
+    step = type("Step", (), {})()
+    current = CurrentCheckpoint(cp, StepContext(
+        flow=step, location=loc, attempt=args.attempt, load_policy="none", include=None, exclude=None,
+        reserved=frozenset(), namespace=None, on_first_use=lambda: None, on_loaded=lambda artifact: None))
+    for n in range(args.saves or sys.maxsize):
+        log.append(line(tag, i + n))
+        vars(step).update(state(tag, i + n, history, log))
+        current.save(metadata={"tag": tag, "i": i + n})
+        history = history + [[tag, i + n]]
+        if n % 4 == 3:
+            for artifact in current.wait():
+                print(f"saved {artifact.metadata['i']} {artifact.key}", flush=True)
+    current.wait()
     return 0
 
 

@@ -4,7 +4,10 @@
 
 Each round starts benchmarks/kill_child.py as the next attempt of one task: it resumes from the
 newest intact checkpoint, checks it exactly, and saves in a loop while tests/transient_faults.py
-injects transient faults that its retries must absorb. Each round's clock is set off from the
+injects transient faults that its retries must absorb. Half the rounds save as a step does:
+queued, coalesced and written by the writer thread (batching.py), a save acknowledged once
+``wait()`` returns it, so kills land with saves queued and one being written; the state
+includes a long list that grows at every save (kept as runs: segments.py). Each round's clock is set off from the
 others' by up to ``--skew-minutes`` either way (libfaketime), so wall clocks say nothing about
 which attempt is newer. Meanwhile gc runs in a loop with the default grace; between rounds the
 stored payloads are made two hours old (local disk: their mtimes), so gc finds old unreferenced
@@ -88,9 +91,11 @@ class Round:
 
     def __init__(self, root: str, attempt: int, args, rng: random.Random, phase_file: str):
         Path(phase_file).write_bytes(bytes(16))
+        self.batched = rng.random() < 0.5
         self.proc = subprocess.Popen(
             [sys.executable, str(CHILD), root, "--task", TASK, "--attempt", str(attempt), "--phase-file",
-             phase_file, "--fault-rate", str(args.fault_rate), "--seed", str(rng.randrange(2**31))],
+             phase_file, "--fault-rate", str(args.fault_rate), "--seed", str(rng.randrange(2**31)),
+             *(["--batched"] if self.batched else [])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=skewed_env(rng, args.skew_minutes),
         )
         with open(phase_file, "r+b") as f:
@@ -207,8 +212,10 @@ def run_backend(root: str, kills: int, args, rng: random.Random, tally: Counter,
     for attempt in range(kills):
         if args.gc:
             age_payloads(root)
-        phase, injected, retried, lines, stderr = Round(root, attempt, args, rng, phase_file).kill()
+        victim = Round(root, attempt, args, rng, phase_file)
+        phase, injected, retried, lines, stderr = victim.kill()
         tally["kills"] += 1
+        tally["kills of batched writers"] += victim.batched
         tally[f"killed while {PHASES.get(phase, phase)}"] += 1
         tally["faults injected"] += injected
         tally["faults retried"] += retried

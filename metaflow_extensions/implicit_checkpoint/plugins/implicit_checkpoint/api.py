@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from . import retention
 from .background import BackgroundSaves, raise_failures
+from .batching import BatchedSaves
 from .checkpointer import Checkpointer
 from .exceptions import CheckpointError, CheckpointFormatError
 from .lineage import lineage as follow_lineage
@@ -51,6 +52,7 @@ class CurrentCheckpoint:
         self._ctx = ctx
         usable = ctx.async_saves and checkpointer.store.shared_across_processes
         self._background = BackgroundSaves() if usable and BackgroundSaves.available() else None
+        self._batched = BatchedSaves(checkpointer.commit) if ctx.async_saves else None
         self._where = f"step {ctx.location.step!r} ({ctx.location.pathspec}, attempt {ctx.attempt})"
         self._looked_up = False
         self._resumable: Optional[CheckpointArtifact] = None
@@ -90,15 +92,18 @@ class CurrentCheckpoint:
     ) -> CheckpointArtifact:
         """Snapshot the step's attributes and return the checkpoint.
 
-        Returns once the state is captured: large states are written in the background (the
-        returned artifact then lacks payload hashes and ``written``; ``wait()`` returns the
-        stored ones). ``wait=True`` returns only when this and every earlier save is durable.
+        Returns once the state is captured, without waiting on storage: small states are
+        written by a background thread (batched: of saves arriving faster than one per 50 ms,
+        the newest of each name is written), large ones by a forked writer. The returned
+        artifact then lacks payload hashes and ``written``; ``wait()`` returns the stored ones.
+        ``wait=True`` is a critical save: it returns only when this and every earlier save is
+        durable.
         ``latest=False`` keeps and lists the checkpoint but never picks it for a default
         ``load()``. ``pin=True`` exempts it from ``@checkpoint(keep=...)`` retention.
         """
         self._first_use()
         self._ready_to_save()  # here, not in a child
-        self._settle(self._background.poll() if self._background else [])
+        self._settle(self._poll())
         cap = capture(
             self._ctx.location,
             self._ctx.attempt,
@@ -116,36 +121,55 @@ class CurrentCheckpoint:
             namespace=self._ctx.namespace,
             where=self._where,
             resumed_from=self._loaded.key if self._loaded else None,
+            runs=self._checkpointer.segments,
         )
-        if self._background is None or wait or cap.size < ASYNC_MIN_BYTES:
-            artifact = self._checkpointer.commit(cap, pin)
+        if self._batched is None or wait or (pin and _copied_bytes(cap) < ASYNC_MIN_BYTES):
+            self._settle(self._flush())  # a critical save: everything before it first
+            artifact = self._checkpointer.commit(self._with_written_parent(cap), pin)
             self._parent = artifact.key
             self._ctx.on_saved(artifact)
             self._retain([artifact])
-            if wait:
-                self.wait()
             return artifact
-        store = self._checkpointer.store
-        done = self._background.submit(
-            cap.key, lambda: _commit_in_child(store, cap, pin)
-        )
+        if self._background is not None and _copied_bytes(cap) >= ASYNC_MIN_BYTES:
+            self._batched.supersede(cap.name)  # this newer one goes to a forked writer
+            cap, store = self._with_written_parent(cap), self._checkpointer.store
+            with self._batched.quiet():  # the child inherits no lock the writer thread holds
+                done = self._background.submit(cap.key, lambda: _commit_in_child(store, cap, pin))
+        else:
+            done = self._batched.submit(_with_own_buffers(cap))
         self._parent = cap.key
         self._settle(done)
-        pending = cap.artifact(url=store.manifest_url(cap.loc, cap.checkpoint_id))
+        pending = cap.artifact(url=self._checkpointer.store.manifest_url(cap.loc, cap.checkpoint_id))
         return replace(pending, pinned=pin)
 
     def wait(self) -> list[CheckpointArtifact]:
         """Block until every pending save is durable; return them as stored, oldest first.
         Raises if any of them failed."""
-        return self._settle(self._background.wait() if self._background else [])
+        return self._settle(self._flush())
+
+    def _with_written_parent(self, cap: Capture) -> Capture:
+        """``cap`` with the nearest ancestor that was written (a superseded save never is)."""
+        if self._batched is None:
+            return cap
+        return replace(cap, parent=self._batched.parent_of(cap.parent))
+
+    def _poll(self) -> list[dict]:
+        return [*(self._batched.poll() if self._batched else []),
+                *(self._background.poll() if self._background else [])]
+
+    def _flush(self) -> list[dict]:
+        return [*(self._batched.wait() if self._batched else []),
+                *(self._background.wait() if self._background else [])]
 
     def _settle(self, results: list[dict]) -> list[CheckpointArtifact]:
         done = []
         for result in results:
             if result.get("ok"):
-                artifact = CheckpointArtifact.from_dict(result["artifact"])
-                self._checkpointer.remember(artifact)
-                self._checkpointer.store.remember(result.get("known", {}))
+                artifact = result["artifact"]
+                if isinstance(artifact, dict):  # from a forked writer
+                    artifact = CheckpointArtifact.from_dict(artifact)
+                    self._checkpointer.remember(artifact)
+                    self._checkpointer.store.remember(result.get("known", {}))
                 self._ctx.on_saved(artifact)
                 done.append(artifact)
         if done:
@@ -176,6 +200,7 @@ class CurrentCheckpoint:
                 return None
             artifact, values = found
         else:
+            self._settle(self._flush())  # it may be a save of this attempt
             artifact, values = self._checkpointer.load(self._own_flow_key(reference))
         for name, value in values.items():
             setattr(self._ctx.flow, name, value)
@@ -190,6 +215,7 @@ class CurrentCheckpoint:
         With no reference: the checkpoint last saved or loaded in this attempt, else the one
         ``load()`` would restore; ``None`` when there is none.
         """
+        self._settle(self._flush())  # what this attempt saved can be read
         if reference is not None:
             return self._checkpointer.read(self._key(reference)).implicit_manifest
         key = self._parent or (self.latest.key if self.latest else None)
@@ -204,7 +230,7 @@ class CurrentCheckpoint:
             from .client import Checkpoint
 
             return Checkpoint().list(task=task, name=name, attempt=attempt)
-        self._settle(self._background.poll() if self._background else [])
+        self._settle(self._flush())  # what this attempt saved is listed
         with warnings_to_log():
             return self._checkpointer.list(self._ctx.location, name=name, attempt=attempt)
 
@@ -214,6 +240,7 @@ class CurrentCheckpoint:
         if reference is None and self._loaded is None:
             return []
         key = self._loaded.key if reference is None else self._key(reference)
+        self._settle(self._flush())
         with warnings_to_log():
             return follow_lineage(self._checkpointer, key)
 
@@ -257,8 +284,8 @@ class CurrentCheckpoint:
 
     @property
     def pending(self) -> int:
-        """How many saves are still being written in the background."""
-        return self._background.pending if self._background else 0
+        """How many saves are still to be written in the background."""
+        return (self._batched.pending if self._batched else 0) + (self._background.pending if self._background else 0)
 
     def __repr__(self) -> str:
         return f"<current.checkpoint of {self._ctx.location.pathspec} attempt {self._ctx.attempt}>"
@@ -287,6 +314,18 @@ def standalone(
         on_loaded=lambda artifact: None, async_saves=async_saves, keep=retention.parse_keep(keep),
     )
     return CurrentCheckpoint(Checkpointer(open_store(root)), ctx)
+
+
+def _copied_bytes(cap: Capture) -> int:
+    """What queuing ``cap`` copies: its stream and the buffers the step may still change
+    (bytes objects, such as the runs of long lists, cannot change)."""
+    return len(cap.graph.body) + sum(b.nbytes for b in cap.graph.buffers if not isinstance(b.obj, bytes))
+
+
+def _with_own_buffers(cap: Capture) -> Capture:
+    """``cap`` holding copies of the buffers the step may change after ``save()`` returns."""
+    own = tuple(b if isinstance(b.obj, bytes) else memoryview(bytes(b)) for b in cap.graph.buffers)
+    return replace(cap, graph=replace(cap.graph, buffers=own))
 
 
 def _commit_in_child(store: CheckpointStore, cap: Capture, pin: bool) -> dict:

@@ -12,8 +12,9 @@ from typing import Any, Iterable, Iterator, Optional
 from . import graph, payloads
 from .exceptions import CheckpointError, CheckpointFormatError, CheckpointNotFound
 from .ids import attempt_of, observe
-from .manifest import FORMAT_VERSION, CheckpointArtifact, TaskLocation, parse_key, read_inline, read_manifest
+from .manifest import LOADABLE_VERSIONS, CheckpointArtifact, TaskLocation, parse_key, read_inline, read_manifest
 from .marks import PINS, RETIRED, is_marked, live_ids, marker_ids, put_marker
+from .segments import Segments
 from .store import CheckpointStore
 from .writer import Capture, capture, commit
 
@@ -29,13 +30,15 @@ class Checkpointer:
         # The bytes of the manifests read last (a resume restores one of them right after
         # finding it: its inline payloads are then not read again).
         self._raw: dict[str, bytes] = {}
+        # The runs of the long lists saved or loaded last, reused by the next save (segments.py).
+        self.segments = Segments()
 
     def save(self, loc: TaskLocation, attempt: int, state: dict[str, Any], pin: bool = False,
              **options: Any) -> CheckpointArtifact:
         """Save a dict of values as a checkpoint of ``loc``, synchronously (``writer.capture``
         takes the options: name, metadata, latest, parent, namespace, ...). The step saves
         through the same two calls: ``capture`` in the step, ``commit`` there or in a child."""
-        cap = capture(loc, attempt, state, **options)  # validates first
+        cap = capture(loc, attempt, state, runs=self.segments, **options)  # validates first
         self.store.check_writable(loc.flow)
         return self.commit(cap, pin)
 
@@ -88,17 +91,17 @@ class Checkpointer:
                 f"Checkpoint {artifact.key} has no field {', '.join(map(repr, unknown))}; "
                 f"it holds {sorted(entries)}."
             )
-        if manifest.get("version") != FORMAT_VERSION or manifest.get("serializer") != graph.SERIALIZER:
+        if manifest.get("version") not in LOADABLE_VERSIONS or manifest.get("serializer") != graph.SERIALIZER:
             raise CheckpointFormatError(
                 f"Checkpoint {artifact.key} was written in format {manifest.get('version')!r} "
                 f"({manifest.get('serializer', 'cloudpickle5')}) by an older metaflow-implicit-checkpoint; "
-                f"this version loads format {FORMAT_VERSION} only (it still lists, inspects and "
+                f"this version loads formats {LOADABLE_VERSIONS} only (it still lists, inspects and "
                 "garbage-collects it). Load it with the version that wrote it "
                 "(pip install 'metaflow-implicit-checkpoint<0.2'), or start afresh."
             )
         closure, needed = graph.needed_buffers(entries, wanted)
         body, buffers = payloads.read(self.store, artifact, inline, needed)
-        return artifact, graph.decode(body, buffers, entries, wanted, closure, artifact.key)
+        return artifact, graph.decode(body, buffers, entries, wanted, closure, artifact.key, self.segments)
 
     def list(self, loc: TaskLocation, name: Optional[str] = None, attempt: Optional[int] = None) -> list[CheckpointArtifact]:
         """A task's checkpoints over all its attempts, newest first (``ids.py``: by attempt, then

@@ -37,7 +37,7 @@ from typing import Any, Optional, Sequence
 
 import cloudpickle
 
-from . import tensors
+from . import segments, tensors
 from .exceptions import CheckpointRestoreError, CheckpointSaveError
 from .snapshot import type_name
 
@@ -109,8 +109,25 @@ def _is_global(obj: Any) -> bool:
     return target is obj
 
 
-def encode(state: dict[str, Any], where: str) -> Graph:
-    """Pickle ``state`` (name -> value) as one graph, or fail naming the attribute."""
+def encode(state: dict[str, Any], where: str, runs: Optional[segments.Segments] = None) -> Graph:
+    """Pickle ``state`` (name -> value) as one graph, or fail naming the attribute. Long lists
+    and big strings go as buffers (``segments.py``; ``runs`` keeps them from save to save),
+    unless reached from elsewhere in the state too (they are then pickled as usual, shared)."""
+    runs = runs or segments.Segments()
+    with runs.saving():
+        by_id: dict[int, Any] = {}  # one stand-in per object, however many names it has
+        for value in state.values():
+            if id(value) not in by_id:
+                by_id[id(value)] = runs.wrap(value)
+        wrapped = {n: by_id[id(v)] for n, v in state.items()}
+        graph, seen = _encode(state, wrapped, where)
+        aliased = {n for n, v in state.items() if wrapped[n] is not v and type(v) is list and id(v) in seen}
+        if aliased:
+            graph, _ = _encode(state, {**wrapped, **{n: state[n] for n in aliased}}, where)
+    return graph
+
+
+def _encode(state: dict[str, Any], wrapped: dict[str, Any], where: str) -> tuple[Graph, set]:
     stream = io.BytesIO()
     pickler = _Pickler(stream)
     spans: dict[str, tuple] = {}
@@ -120,7 +137,7 @@ def encode(state: dict[str, Any], where: str) -> Graph:
         visits.append(len(pickler.visited))
         start, first_buffer = stream.tell(), len(pickler.buffers)
         try:
-            pickler.dump(state[name])
+            pickler.dump(wrapped[name])
         except Exception as exc:
             raise CheckpointSaveError(
                 f"Cannot checkpoint self.{name} ({type_name(state[name])}) in {where}: "
@@ -130,7 +147,7 @@ def encode(state: dict[str, Any], where: str) -> Graph:
                 "Earlier checkpoints are untouched."
             ) from exc
         spans[name] = (start, stream.tell(), first_buffer, len(pickler.buffers))
-    shared = _shares(names, pickler.visited, visits + [len(pickler.visited)])
+    shared, seen = _shares(names, pickler.visited, visits + [len(pickler.visited)])
     sizes = [b.nbytes for b in pickler.buffers]
     fields = {}
     for name, (start, end, b0, b1) in spans.items():
@@ -147,13 +164,14 @@ def encode(state: dict[str, Any], where: str) -> Graph:
     pickler.clear_memo()
     for held in (pickler.visited, pickler.storages, pickler.buffers):
         held.clear()  # in place: persistent_id is the visited list's own append
-    return graph
+    return graph, seen
 
 
-def _shares(names: list[str], visited: list, bounds: list[int]) -> dict[str, set]:
+def _shares(names: list[str], visited: list, bounds: list[int]) -> tuple[dict[str, set], set]:
     """Which fields reach an object an earlier field reached (every object stays alive in
-    ``visited`` meanwhile, so an id means one object). Filtering out atoms and intersecting
-    runs in C; only objects found in two fields are looked at one by one."""
+    ``visited`` meanwhile, so an id means one object), and the ids of every object reached.
+    Filtering out atoms and intersecting runs in C; only objects found in two fields are
+    looked at one by one."""
     shared: dict[str, set] = {n: set() for n in names}
     owner: dict[int, int] = {}  # id -> the first field that reached it
     for i in range(len(names)):
@@ -167,7 +185,7 @@ def _shares(names: list[str], visited: list, bounds: list[int]) -> dict[str, set
                 shared[names[i]].add(names[j])
                 shared[names[j]].add(names[i])
         owner.update(dict.fromkeys(ids - common, i))
-    return shared
+    return shared, owner.keys()
 
 
 def _is_state(obj: Any) -> bool:
@@ -210,10 +228,19 @@ def needed_buffers(fields: dict, wanted: Optional[Sequence[str]]) -> tuple[list[
 
 
 def decode(body: bytes, buffers: list, fields: dict, wanted: Optional[Sequence[str]], needed: list[str],
-           key: str) -> dict[str, Any]:
+           key: str, runs: Optional[segments.Segments] = None) -> dict[str, Any]:
     """Unpickle the fields ``wanted`` (all when ``None``) of a graph whose buffers are given
     in stream order (stand-ins where a field outside ``needed``, from ``needed_buffers``,
-    owns them)."""
+    owns them). Lists rebuilt from runs are remembered in ``runs``."""
+    token = segments.adopting.set(runs)
+    try:
+        return _decode(body, buffers, fields, wanted, needed, key)
+    finally:
+        segments.adopting.reset(token)
+
+
+def _decode(body: bytes, buffers: list, fields: dict, wanted: Optional[Sequence[str]], needed: list[str],
+            key: str) -> dict[str, Any]:
     order = sorted(fields, key=lambda n: fields[n]["span"][0])
     last = max((order.index(n) for n in needed), default=-1)
     unpickler = _Unpickler(io.BytesIO(body), buffers=iter(buffers))

@@ -24,9 +24,11 @@ from .exceptions import CheckpointCorrupt, CheckpointFormatError
 from .signing import Sealer
 
 FORMAT = "metaflow-implicit-checkpoint"
-# 2: one object graph per checkpoint (graph.py); 1 (0.1.x): one pickle per attribute, which
+# 3: each payload stored as chunks (payloads.py); 2 (0.2.x): one object graph per checkpoint
+# (graph.py), each payload one object, still loaded; 1 (0.1.x): one pickle per attribute, which
 # this version lists, inspects and garbage-collects but refuses to load (see checkpointer.py).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+LOADABLE_VERSIONS = (2, 3)
 ROOT_POSITION = "root"
 
 # A part of a key becomes a path segment under the root: no separators, no leading dot ("..").
@@ -148,16 +150,17 @@ class CheckpointArtifact:
         m = self.implicit_manifest
         if m.get("version", 1) == 1:
             return [(f["hash"].partition(":")[2], f["size"]) for f in m.get("fields", {}).values()]
-        return [(digest, size) for digest, size in [m["body"], *m["buffers"]]]
+        return [(digest, size) for p in [m["body"], *m["buffers"]] for digest, size in chunks_of(p)]
 
     def payload_digests(self) -> set[str]:
         """Hex digests of every payload this checkpoint references (what gc keeps)."""
         return {digest for digest, _ in self.payloads()}
 
     def field_payloads(self, name: str) -> list[tuple[str, int]]:
-        """(hex digest, size) of the buffers first reached through field ``name``."""
+        """(hex digest, size) of the chunks of the buffers first reached through field ``name``."""
         m = self.implicit_manifest
-        return [(digest, size) for digest, size in m["buffers"][slice(*m["fields"][name].get("buffers", (0, 0)))]]
+        owned = m["buffers"][slice(*m["fields"][name].get("buffers", (0, 0)))]
+        return [(digest, size) for p in owned for digest, size in chunks_of(p)]
 
     @property
     def location(self) -> TaskLocation:
@@ -271,6 +274,12 @@ _V2_KEYS = {"type", "size", "span"}
 _V2_OPTIONAL = {"buffers", "shares", "shape", "dtype", "device"}
 
 
+def chunks_of(payload: list) -> list:
+    """The ``[digest, size]`` chunks of a payload as a manifest lists it (format 2 stored each
+    payload as one object: ``[digest, size]``)."""
+    return [payload] if payload and isinstance(payload[0], str) else payload
+
+
 def _fields_ok(manifest: dict) -> bool:
     """The field table and payload list have the shape of their format version (a cheap check:
     list() runs it on every manifest; the values are checked where they are used)."""
@@ -278,8 +287,8 @@ def _fields_ok(manifest: dict) -> bool:
     try:
         if manifest.get("version", 1) == 1:
             return all(entry.keys() == _V1_KEYS for entry in fields.values())
-        payloads = [manifest["body"], *manifest["buffers"]]
-        return all(len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int) for p in payloads) and all(
+        chunks = [c for p in (manifest["body"], *manifest["buffers"]) for c in chunks_of(p)]
+        return all(len(c) == 2 and isinstance(c[0], str) and isinstance(c[1], int) for c in chunks) and all(
             _V2_KEYS <= entry.keys() <= _V2_KEYS | _V2_OPTIONAL for entry in fields.values()
         )
     except (AttributeError, KeyError, TypeError):  # not a dict of dicts, no payload list

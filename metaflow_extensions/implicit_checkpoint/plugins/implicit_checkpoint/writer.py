@@ -23,6 +23,7 @@ from . import payloads
 from .exceptions import CheckpointSaveError
 from .graph import SERIALIZER, Graph, encode
 from .manifest import FORMAT_VERSION, CheckpointArtifact, TaskLocation, manifest_bytes, new_checkpoint_id
+from .segments import Segments
 from .snapshot import type_name
 from .store import CheckpointStore
 
@@ -80,12 +81,13 @@ def capture(
     namespace: Optional[str] = None,
     where: str = "the step",
     resumed_from: Optional[str] = None,
+    runs: Optional[Segments] = None,
 ) -> Capture:
     """Validate and serialize; raises before anything is written."""
     started = time.perf_counter()
     check_name(name, where)
     metadata = check_metadata(metadata, where)
-    graph = encode(state, where)
+    graph = encode(state, where, runs)
     checkpoint_id, created_on = new_checkpoint_id(attempt)
     return Capture(loc, attempt, checkpoint_id, created_on, name, metadata, latest, parent,
                    namespace, graph, started, resumed_from)

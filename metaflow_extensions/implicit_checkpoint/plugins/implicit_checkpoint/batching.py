@@ -1,0 +1,150 @@
+"""Small saves, written by one background thread: ``save()`` never waits on storage.
+
+A small save is captured in the step (pickled, its mutable buffers copied: it is small) and
+handed to the writer thread, which commits it (``Checkpointer.commit``) while the step runs on.
+
+Batching: the writer commits at most one save per ``BATCH_SECONDS`` (unless flushed), and the
+pending saves hold only the newest save of each name. A save that arrives while an older one
+of the same name still waits replaces it: the older one is never written (it is *superseded*;
+the newer one holds everything it held, and takes its parent, so lineage has no gap). So a
+loop that saves a thousand times a second writes about twenty checkpoints a second, each
+holding the newest state, while a loop that saves once a second writes every save.
+
+Flushing (``wait``): every pending save is written at once, in order, and ``wait`` returns when
+all are durable. ``save(wait=True)``, ``wait()``, every read in the step and the end of the step
+(success or failure) flush. A crash loses the pending saves (at most ``BATCH_SECONDS`` of saves
+of each name, plus the one being written), never a committed one.
+
+Results (the stored checkpoint, or the error) are handed back to the step, which settles them
+(``poll``/``wait``): callbacks, retention and errors all run in the step's own thread.
+"""
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+import weakref
+from dataclasses import replace
+from typing import Callable, Iterator, Optional
+
+from .manifest import CheckpointArtifact
+from .writer import Capture
+
+BATCH_SECONDS = 0.05
+
+
+class BatchedSaves:
+    """One writer thread for one task's small saves."""
+
+    def __init__(self, commit: Callable[[Capture], CheckpointArtifact], batch_seconds: float = BATCH_SECONDS):
+        self._commit = commit
+        self._batch = batch_seconds
+        self._cond = threading.Condition()
+        self._pending: dict[str, Capture] = {}  # name -> newest capture of that name, oldest first
+        self._superseded: dict[str, Optional[str]] = {}  # key never written -> its parent
+        self._results: list[dict] = []
+        self._busy = False
+        self._flushing = 0
+        self._last = 0.0
+        self._thread: Optional[threading.Thread] = None
+        self._committing = threading.Lock()  # held while a commit runs (see ``quiet``)
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending) + self._busy
+
+    def submit(self, cap: Capture) -> list[dict]:
+        """Queue ``cap``, superseding a pending save of the same name; return the results of
+        saves written meanwhile."""
+        with self._cond:
+            self._drop(cap.name)
+            self._pending[cap.name] = cap
+            self._start()
+            self._cond.notify_all()
+            return self._take()
+
+    def parent_of(self, key: Optional[str]) -> Optional[str]:
+        """The nearest ancestor of ``key`` that was (or will be) written."""
+        with self._cond:
+            while key in self._superseded:
+                key = self._superseded[key]
+            return key
+
+    def supersede(self, name: str) -> None:
+        """Drop the pending save named ``name`` (a newer one goes another way)."""
+        with self._cond:
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        older = self._pending.pop(name, None)
+        if older is not None:
+            self._superseded[older.key] = older.parent
+            if len(self._superseded) > 1024:  # only the newest saves' parents are ever asked for
+                del self._superseded[next(iter(self._superseded))]
+
+    def poll(self) -> list[dict]:
+        with self._cond:
+            return self._take()
+
+    def wait(self) -> list[dict]:
+        """Write every pending save now; return all results not yet returned."""
+        with self._cond:
+            self._flushing += 1
+            self._cond.notify_all()
+            try:
+                while self._pending or self._busy:
+                    self._cond.wait()
+            finally:
+                self._flushing -= 1
+            return self._take()
+
+    def quiet(self) -> "threading.Lock":
+        """Held, no commit runs (the step holds it around a fork, so the child inherits no
+        lock the writer held)."""
+        return self._committing
+
+    def _take(self) -> list[dict]:
+        done, self._results = self._results, []
+        return done
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+            self._thread.start()
+            atexit.register(_flush_at_exit, weakref.ref(self))  # scripts and notebooks too
+
+    def _run(self) -> None:
+        for cap in self._next():
+            with self._committing:
+                try:
+                    cap = replace(cap, parent=self.parent_of(cap.parent))
+                    result = {"key": cap.key, "ok": True, "artifact": self._commit(cap)}
+                except BaseException as exc:  # reported in the step, naming the checkpoint
+                    result = {"key": cap.key, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            with self._cond:
+                self._busy, self._last = False, time.monotonic()
+                self._results.append(result)
+                self._cond.notify_all()
+
+    def _next(self) -> Iterator[Capture]:
+        while True:
+            with self._cond:
+                while True:
+                    if self._pending:
+                        delay = 0 if self._flushing else self._last + self._batch - time.monotonic()
+                        if delay <= 0:
+                            break
+                        self._cond.wait(delay)
+                    else:
+                        self._cond.wait()
+                name = next(iter(self._pending))
+                cap = self._pending.pop(name)
+                self._busy = True
+            yield cap
+
+
+def _flush_at_exit(ref: "weakref.ref[BatchedSaves]") -> None:
+    saves = ref()
+    if saves is not None:
+        saves.wait()
