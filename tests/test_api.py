@@ -14,9 +14,10 @@ LOC = TaskLocation("F", "1", "train", "2")
 
 
 def test_parent_is_the_last_saved_or_loaded_checkpoint(root_url):
-    """Each save's parent is the previous save of the attempt, or what the attempt loaded."""
+    """Each save's parent is the previous save of the attempt, or what the attempt loaded
+    (every save written: batched saves that supersede others are tests/test_incremental.py's)."""
     flow = types.SimpleNamespace(n=1)
-    api = standalone(flow, root_url, LOC)
+    api = standalone(flow, root_url, LOC, async_saves=False)
     first = api.save()
     second = api.save()
     assert first.parent is None and second.parent == first.key
@@ -29,7 +30,7 @@ def test_a_failed_save_is_nobodys_parent(root_url):
     """After a save that failed, the next save descends from the last good one."""
     flow = types.SimpleNamespace(n=1)
     api = standalone(flow, root_url, LOC)
-    good = api.save()
+    good = api.save(wait=True)
     flow.lock = threading.Lock()
     with pytest.raises(CheckpointSaveError):
         api.save()

@@ -34,7 +34,7 @@ def faulty(tmp_path, monkeypatch):
 def test_snapshot_is_the_state_at_save_time(tmp_path):
     """An array changed in place right after an asynchronous save() restores its old values."""
     flow, api = make_api(str(tmp_path))
-    flow.w = np.zeros(4 * MB)  # 32 MB: written in the background
+    flow.w = np.arange(4 * MB, dtype=np.float64)  # 32 MB (no two chunks alike): written in the background
     pending = api.save()
     assert "body" not in pending.implicit_manifest  # returned before hashing
     flow.w[:] = 7.0
@@ -42,7 +42,7 @@ def test_snapshot_is_the_state_at_save_time(tmp_path):
     assert stored.key == pending.key and stored.written == flow.w.nbytes + len(open(stored.url[7:], "rb").read())
     _, later = make_api(str(tmp_path), attempt=1)
     later.load()
-    assert later._ctx.flow.w.sum() == 0.0
+    assert np.array_equal(later._ctx.flow.w, np.arange(4 * MB, dtype=np.float64))
 
 
 def test_unchanged_async_save_writes_no_payload(tmp_path):
@@ -180,7 +180,7 @@ class AsyncFlow(FlowSpec):
     @checkpoint(root={root!r})
     @step
     def work(self):
-        current.checkpoint.save()  # the first save checks the root is writable
+        current.checkpoint.save(wait=True)  # the first save checks the root is writable
         faults.FaultyFileSystem.fail_paths = {fail!r}  # then writes fail, if the test says so
         self.w = np.zeros(2_000_000)
         pending = current.checkpoint.save()
@@ -225,7 +225,7 @@ def test_background_failure_fails_the_task_naming_the_checkpoint(run_flow, write
 def test_async_saves_off_makes_every_save_durable_on_return(tmp_path):
     """With async_saves=False even a large save is complete when save() returns."""
     flow, api = make_api(str(tmp_path), async_saves=False)
-    flow.w = np.ones(4 * MB)
+    flow.w = np.arange(4 * MB, dtype=np.float64)
     artifact = api.save()
     assert "body" in artifact.implicit_manifest and artifact.written > artifact.size
     assert api.pending == 0 and [a.key for a in api.list()] == [artifact.key]

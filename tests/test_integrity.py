@@ -49,7 +49,7 @@ def save_three(cp):
     saved = []
     for i in range(3):
         me.i, me.w = i, np.full(1000, float(i))
-        saved.append(api.save())
+        saved.append(api.save(wait=True))
     return saved
 
 
@@ -252,7 +252,7 @@ def test_metadata_that_is_not_json_names_the_key(cp, metadata, says):
 
 
 @pytest.mark.parametrize("edit, error", [
-    ({"version": 3}, "Upgrade metaflow-implicit-checkpoint"),
+    ({"version": 4}, "Upgrade metaflow-implicit-checkpoint"),
     ({"version": "1"}, "Upgrade metaflow-implicit-checkpoint"),
     ({"format": "something-else"}, "is not a metaflow-implicit-checkpoint manifest"),
 ])
@@ -275,8 +275,9 @@ def test_a_flipped_bit_anywhere_in_a_payloads_first_bytes_is_damage_and_falls_ba
     from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.recovery import restore_newest_intact
 
     cp = Checkpointer(CheckpointStore(str(tmp_path / "root")))
-    older = cp.save(LOC, 0, {"w": np.zeros(2000), "notes": [f"old {i:05d} " * 4 for i in range(200)]})
-    newest = cp.save(LOC, 0, {"w": np.ones(2000), "notes": [f"new {i:05d} " * 4 for i in range(200)]})
+    # notes: pairs, not strings, so they stay in the stream (a long list of strings is runs)
+    older = cp.save(LOC, 0, {"w": np.zeros(2000), "notes": [(f"old {i:05d} " * 4, i) for i in range(200)]})
+    newest = cp.save(LOC, 0, {"w": np.ones(2000), "notes": [(f"new {i:05d} " * 4, i) for i in range(200)]})
     for digest, size in newest.payloads():
         assert size > 4096  # both are objects of their own, not inline
         path = Path(cp.store._object_path(LOC.flow, digest))

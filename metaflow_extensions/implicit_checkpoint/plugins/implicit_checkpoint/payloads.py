@@ -41,30 +41,32 @@ CHUNK = 2 << 20
 
 def write(store: CheckpointStore, flow: str, parts: Sequence) -> tuple[dict, dict, int]:
     """Store the chunks of the payloads ``parts`` (the stream, then each buffer) that are new:
-    returns the manifest's payload list, the inline payloads and the bytes written."""
-    algorithm, inline, objects, listed = store.hash_name, {}, {}, []
-    for part in parts:
-        view = memoryview(part).cast("B")
-        if view.nbytes <= INLINE_MAX:
-            digest = content_hash([view], algorithm)
-            inline[digest] = base64.b64encode(view).decode()
-            listed.append([[digest, view.nbytes]])
-            continue
-        chunks = []
-        for i in range(0, view.nbytes, CHUNK):
-            chunk = view[i:i + CHUNK]
-            digest = content_hash([chunk], algorithm)
-            chunks.append([digest, chunk.nbytes])
-            objects[digest] = chunk  # a chunk twice in one save is written once
-        listed.append(chunks)
-    written = sum(_put_all(store, flow, list(objects.items())))
+    returns the manifest's payload list, the inline payloads and the bytes written. A thread
+    hashes the chunks ahead of the writes (both release the GIL)."""
+    algorithm, inline, listed = store.hash_name, {}, []
+    views = [memoryview(part).cast("B") for part in parts]
+    chunks = [[v[i:i + CHUNK] for i in range(0, v.nbytes, CHUNK)] if v.nbytes > INLINE_MAX else [v] for v in views]
+    with ThreadPoolExecutor(max_workers=1) as hashing:
+        digests = hashing.map(lambda chunk: content_hash([chunk], algorithm), [c for cs in chunks for c in cs])
+        objects, written = {}, 0
+        for view, pieces in zip(views, chunks):
+            listed.append([[next(digests), piece.nbytes] for piece in pieces])
+            if view.nbytes <= INLINE_MAX:
+                inline[listed[-1][0][0]] = base64.b64encode(view).decode()
+                continue
+            for (digest, _), piece in zip(listed[-1], pieces):
+                if digest not in objects:  # a chunk twice in one save is written once
+                    objects[digest] = piece
+                    if store.is_local:  # written as soon as hashed; remote ones together below
+                        written += store.put_object(flow, digest, [piece])
+    if not store.is_local:
+        written = sum(_put_all(store, flow, list(objects.items())))
     return {"hash": algorithm, "body": listed[0], "buffers": listed[1:]}, inline, written
 
 
 def _put_all(store: CheckpointStore, flow: str, objects: list) -> list[int]:
-    """Write chunks: one after another on a local disk (it gains nothing from more), a few
-    at a time on remote stores, where each request waits on the network."""
-    if store.is_local or len(objects) < 2:
+    """Write chunks to a remote store a few at a time: each request waits on the network."""
+    if len(objects) < 2:
         return [store.put_object(flow, digest, [part]) for digest, part in objects]
     with ThreadPoolExecutor(max_workers=min(8, len(objects))) as pool:
         return list(pool.map(lambda item: store.put_object(flow, item[0], [item[1]]), objects))
