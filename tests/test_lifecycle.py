@@ -178,13 +178,16 @@ def test_retention_counts_only_committed_saves(tmp_path, monkeypatch):
     root = f"faultyfile://{tmp_path}/root"
     flow, api = attempt_api(root, 0, keep={"last": 2}, async_saves=True)
     flow.n, flow.w = 0, np.zeros(10)
-    first = api.save()
+    first = api.save(wait=True)
     monkeypatch.setattr(FaultyFileSystem, "write_delay", 0.5)
-    flow.w = np.ones(2 << 20)  # 16 MB: written in the background, slowly
+    flow.w = np.ones(2 << 20)  # 16 MB: written in the background (forked), slowly
     pending = api.save()
     flow.w = np.zeros(10)
     monkeypatch.setattr(FaultyFileSystem, "write_delay", 0.0)
-    third = api.save(wait=False)
+    third = api.save()  # small: written by the writer thread, at once
+    deadline = time.monotonic() + 20
+    while third.key not in [c.key for c in api.list()] and time.monotonic() < deadline:
+        pass  # list() settles what the writer thread committed (and applies retention)
     assert api.pending == 1
     assert [c.key for c in api.list()] == [third.key, first.key]
     api.wait()
@@ -221,7 +224,7 @@ def test_a_background_save_is_pinned_right_after_its_commit(tmp_path):
     assert pending.pinned
     (stored,) = api.wait()
     flow.w = np.zeros(10)
-    newest = api.save()
+    newest = api.save(wait=True)
     assert stored.pinned and [(c.key, c.pinned) for c in api.list()] == [(newest.key, False), (pending.key, True)]
 
 

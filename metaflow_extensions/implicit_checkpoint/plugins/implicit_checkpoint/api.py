@@ -10,7 +10,7 @@ from . import retention
 from .background import BackgroundSaves, raise_failures
 from .batching import BatchedSaves
 from .checkpointer import Checkpointer
-from .exceptions import CheckpointError, CheckpointFormatError
+from .exceptions import CheckpointError, CheckpointFormatError, CheckpointNotFound
 from .lineage import lineage as follow_lineage
 from .manifest import CheckpointArtifact, TaskLocation, parse_key
 from .recovery import restore_newest_intact
@@ -200,8 +200,8 @@ class CurrentCheckpoint:
                 return None
             artifact, values = found
         else:
-            self._settle(self._flush())  # it may be a save of this attempt
-            artifact, values = self._checkpointer.load(self._own_flow_key(reference))
+            key = self._own_flow_key(reference)
+            artifact, values = self._committed(lambda: self._checkpointer.load(key))
         for name, value in values.items():
             setattr(self._ctx.flow, name, value)
         self._loaded = artifact
@@ -215,14 +215,12 @@ class CurrentCheckpoint:
         With no reference: the checkpoint last saved or loaded in this attempt, else the one
         ``load()`` would restore; ``None`` when there is none.
         """
-        self._settle(self._flush())  # what this attempt saved can be read
-        if reference is not None:
-            return self._checkpointer.read(self._key(reference)).implicit_manifest
-        key = self._parent or (self.latest.key if self.latest else None)
-        return self._checkpointer.read(key).implicit_manifest if key else None
+        key = self._key(reference) if reference is not None else self._parent or (self.latest.key if self.latest else None)
+        return self._committed(lambda: self._checkpointer.read(key)).implicit_manifest if key else None
 
     def list(self, name: Optional[str] = None, attempt: Optional[int] = None, task: Any = None) -> list[CheckpointArtifact]:
-        """This task's checkpoints over all its attempts, newest first by creation time.
+        """This task's committed checkpoints over all its attempts, newest first (a save still
+        being written appears once it is: ``wait()`` writes them all).
 
         ``task=`` (a ``Task`` or pathspec) lists another task's instead.
         """
@@ -230,7 +228,7 @@ class CurrentCheckpoint:
             from .client import Checkpoint
 
             return Checkpoint().list(task=task, name=name, attempt=attempt)
-        self._settle(self._flush())  # what this attempt saved is listed
+        self._settle(self._poll())
         with warnings_to_log():
             return self._checkpointer.list(self._ctx.location, name=name, attempt=attempt)
 
@@ -240,9 +238,19 @@ class CurrentCheckpoint:
         if reference is None and self._loaded is None:
             return []
         key = self._loaded.key if reference is None else self._key(reference)
-        self._settle(self._flush())
         with warnings_to_log():
-            return follow_lineage(self._checkpointer, key)
+            return self._committed(lambda: follow_lineage(self._checkpointer, key))
+
+    def _committed(self, read: Callable[[], Any]) -> Any:
+        """``read()``; if what it reads is not stored yet while saves are pending (a save of this
+        attempt, still queued), once more after writing them."""
+        try:
+            return read()
+        except CheckpointNotFound:
+            if not self.pending:
+                raise
+        self._settle(self._flush())
+        return read()
 
     def _candidates(self):
         return self._checkpointer.resumable(
