@@ -123,14 +123,20 @@ class CurrentCheckpoint:
             resumed_from=self._loaded.key if self._loaded else None,
             runs=self._checkpointer.segments,
         )
-        if self._batched is None or wait or (pin and _copied_bytes(cap) < ASYNC_MIN_BYTES):
+        return self._dispatch(cap, wait, pin)
+
+    def _dispatch(self, cap: Capture, wait: bool, pin: bool) -> CheckpointArtifact:
+        """Commit ``cap`` now (critical saves; large ones where nothing can fork), or hand it to
+        a forked writer (large) or the writer thread (small)."""
+        big = _copied_bytes(cap) >= ASYNC_MIN_BYTES  # copying it would cost what writing does
+        if self._batched is None or wait or (pin and not big) or (big and self._background is None):
             self._settle(self._flush())  # a critical save: everything before it first
             artifact = self._checkpointer.commit(self._with_written_parent(cap), pin)
             self._parent = artifact.key
             self._ctx.on_saved(artifact)
             self._retain([artifact])
             return artifact
-        if self._background is not None and _copied_bytes(cap) >= ASYNC_MIN_BYTES:
+        if big:
             self._batched.supersede(cap.name)  # this newer one goes to a forked writer
             cap, store = self._with_written_parent(cap), self._checkpointer.store
             with self._batched.quiet():  # the child inherits no lock the writer thread holds
