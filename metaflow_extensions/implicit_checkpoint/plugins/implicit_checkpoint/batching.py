@@ -3,12 +3,14 @@
 A small save is captured in the step (pickled, its mutable buffers copied: it is small) and
 handed to the writer thread, which commits it (``Checkpointer.commit``) while the step runs on.
 
-Batching: the writer commits at most one save per ``BATCH_SECONDS`` (unless flushed), and the
-pending saves hold only the newest save of each name. A save that arrives while an older one
-of the same name still waits replaces it: the older one is never written (it is *superseded*;
-the newer one holds everything it held, and takes its parent, so lineage has no gap). So a
-loop that saves a thousand times a second writes about twenty checkpoints a second, each
-holding the newest state, while a loop that saves once a second writes every save.
+Batching: the pending saves hold only the newest save of each name, and the writer commits a
+save of the name it committed last no sooner than ``BATCH_SECONDS`` after it (unless flushed;
+saves of other names go at once). A save that arrives while an older one of the same name still
+waits replaces it: the older one is never written (it is *superseded*; the newer one holds
+everything it held, and takes its parent, so lineage has no gap). So a loop that saves a
+thousand times a second writes about twenty checkpoints a second, each holding the newest
+state, while a loop that saves once a second writes every save. At most ``MAX_WAITING`` names
+wait: a save of yet another name waits for room (back-pressure: memory stays bounded).
 
 Flushing (``wait``): every pending save is written at once, in order, and ``wait`` returns when
 all are durable. ``save(wait=True)``, ``wait()``, every read in the step and the end of the step
@@ -31,6 +33,7 @@ from .manifest import CheckpointArtifact
 from .writer import Capture
 
 BATCH_SECONDS = 0.05
+MAX_WAITING = 8
 
 
 class BatchedSaves:
@@ -46,6 +49,7 @@ class BatchedSaves:
         self._busy = False
         self._flushing = 0
         self._last = 0.0
+        self._last_name: Optional[str] = None
         self._thread: Optional[threading.Thread] = None
         self._committing = threading.Lock()  # held while a commit runs (see ``quiet``)
 
@@ -58,9 +62,11 @@ class BatchedSaves:
         """Queue ``cap``, superseding a pending save of the same name; return the results of
         saves written meanwhile."""
         with self._cond:
+            self._start()
+            while cap.name not in self._pending and len(self._pending) >= MAX_WAITING:
+                self._cond.wait()
             self._drop(cap.name)
             self._pending[cap.name] = cap
-            self._start()
             self._cond.notify_all()
             return self._take()
 
@@ -131,17 +137,25 @@ class BatchedSaves:
         while True:
             with self._cond:
                 while True:
-                    if self._pending:
-                        delay = 0 if self._flushing else self._last + self._batch - time.monotonic()
-                        if delay <= 0:
-                            break
-                        self._cond.wait(delay)
-                    else:
-                        self._cond.wait()
-                name = next(iter(self._pending))
+                    name = self._ready()
+                    if name is not None:
+                        break
+                    left = self._last + self._batch - time.monotonic()
+                    self._cond.wait(max(left, 0.001) if self._pending else None)
                 cap = self._pending.pop(name)
-                self._busy = True
+                self._busy, self._last_name = True, name
+                self._cond.notify_all()  # room for a save of another name
             yield cap
+
+
+    def _ready(self) -> Optional[str]:
+        """The name to commit now: the oldest waiting one, unless it is the name committed last
+        less than ``BATCH_SECONDS`` ago (then another name, if any waits)."""
+        recent = time.monotonic() - self._last < self._batch and not self._flushing
+        for name in self._pending:
+            if not (recent and name == self._last_name):
+                return name
+        return None
 
 
 def _flush_at_exit(ref: "weakref.ref[BatchedSaves]") -> None:

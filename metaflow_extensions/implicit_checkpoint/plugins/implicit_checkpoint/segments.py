@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import io
-import itertools
 import operator
 import pickle
 from dataclasses import dataclass, field
@@ -97,7 +96,7 @@ class Segments:
         entry = self._lists.get(id(items)) or self._next_lists.get(id(items))
         if entry is None or entry.items is not items or not _still_first(items, entry.sealed):
             entry = _Entry(items)
-        if not all(map(_ATOMS.__contains__, map(type, itertools.islice(items, len(entry.sealed), None)))):
+        if not all(map(_ATOMS.__contains__, map(type, items[len(entry.sealed):]))):
             return items
         _seal(entry)
         self._next_lists[id(items)] = entry
@@ -128,9 +127,9 @@ def _seal(entry: _Entry) -> None:
 
 def _cuts(items: list, start: int) -> Iterator[int]:
     """Where runs end: after every ``RUN_BYTES`` of items (numbers: counted, not measured)."""
-    if _FIXED.issuperset(map(type, itertools.islice(items, start, start + 1))):
+    if start < len(items) and type(items[start]) in _FIXED:
         step = RUN_BYTES // 9
-        if _FIXED.issuperset(map(type, itertools.islice(items, start, None))):
+        if _FIXED.issuperset(map(type, items[start:])):
             yield from range(start + step, len(items) + 1, step)
             return
     size = 0
