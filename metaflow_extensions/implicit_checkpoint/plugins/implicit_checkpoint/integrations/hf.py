@@ -23,6 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback
 
+from ..exceptions import CheckpointSaveError
+
 # The Trainer's own name for the folder of a save (transformers.trainer_utils.PREFIX_CHECKPOINT_DIR).
 PREFIX = "checkpoint"
 
@@ -116,6 +118,12 @@ class MetaflowCheckpointCallback(TrainerCallback):
         if not args.should_save:  # another process of a distributed run writes the checkpoint
             return
         folder = os.path.join(args.output_dir, f"{PREFIX}-{state.global_step}")
+        if not os.path.isdir(folder):
+            raise CheckpointSaveError(
+                f"Step {current.step_name!r}: the Trainer saved at global step {state.global_step} but its "
+                f"checkpoint folder {folder} does not exist, so {self.attribute!r} cannot hold it. "
+                "MetaflowCheckpointCallback reads the folder under args.output_dir (hyperparameter "
+                "searches write elsewhere: save from each trial's own step instead).")
         setattr(self.flow, self.attribute, TrainerFolder.read(folder, state.global_step))
         current.checkpoint.save(metadata=_metadata(state))
 
