@@ -12,6 +12,7 @@ on and restores the optimizer, the LR schedule and the random generators (dropou
 Needs `pip install "metaflow-implicit-checkpoint[hf]"`.
 """
 import os
+import shutil
 import signal
 import tempfile
 
@@ -40,6 +41,7 @@ def kill_at(global_step: int):
     class KillAt(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             if state.global_step == global_step:
+                shutil.rmtree(args.output_dir)  # the next attempt may run on another machine
                 print(f"attempt {current.retry_count}: killed at global step {global_step}")
                 os.kill(os.getpid(), signal.SIGKILL)
 

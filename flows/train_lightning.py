@@ -8,9 +8,11 @@ ModelCheckpoint saves at the end of every epoch (8 steps); MetaflowCheckpointCal
 of those checkpoints with current.checkpoint, and the next attempt resumes the Trainer from the one
 load() restored (trainer.fit(ckpt_path=...)), in a fresh checkpoint folder: the optimizer, the
 per-step LR schedule, the loop's progress and the random generators (shuffling, dropout) continue
-where the last save left them. Needs `pip install "metaflow-implicit-checkpoint[lightning]"`.
+where the last save left them. Each kill deletes Lightning's own checkpoint files first: the
+resume needs only what current.checkpoint stored. Needs `pip install "metaflow-implicit-checkpoint[lightning]"`.
 """
 import os
+import shutil
 import signal
 import tempfile
 
@@ -47,12 +49,14 @@ def regressor():
 
 
 def kill_at(global_step: int):
-    """A callback that SIGKILLs the attempt when the Trainer reaches ``global_step``."""
+    """A callback that SIGKILLs the attempt when the Trainer reaches ``global_step``, deleting
+    Lightning's checkpoint files first: the next attempt may run on another machine."""
     import lightning.pytorch as pl
 
     class KillAt(pl.Callback):
         def on_train_batch_end(self, trainer, *args):
             if trainer.global_step == global_step:
+                shutil.rmtree(trainer.checkpoint_callback.dirpath)
                 print(f"attempt {current.retry_count}: killed at global step {global_step}")
                 os.kill(os.getpid(), signal.SIGKILL)
 

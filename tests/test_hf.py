@@ -60,8 +60,8 @@ def test_a_trainer_folder_round_trips_and_frozen_weights_are_not_written_again(t
 
 
 def test_a_trainer_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(run_flow):
-    """Killed right after its save at global step 12 (mid-epoch), the Trainer resumes in a fresh
-    output folder from what load() restored and ends with every weight equal to an
+    """Killed right after its save at global step 12 (mid-epoch; its output folder deleted), the
+    Trainer resumes in a fresh output folder from what load() restored and ends with every weight equal to an
     uninterrupted run's, and with the same logged losses."""
     from metaflow import Run
 

@@ -14,9 +14,9 @@ from conftest import FLOWS
 
 def test_a_trainer_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(run_flow):
     """Killed at global step 20 (mid-epoch 2), the Trainer resumes from the end-of-epoch-1
-    checkpoint that load() restored (its folder on disk is a fresh one) and ends with every
-    weight equal to an uninterrupted run's: optimizer, schedule, loop progress and random
-    generators all continued."""
+    checkpoint that load() restored (Lightning's own files were deleted before the kill) and
+    ends with every weight equal to an uninterrupted run's: optimizer, schedule, loop progress
+    and random generators all continued."""
     from metaflow import Checkpoint, Run
 
     with ThreadPoolExecutor(2) as pool:
@@ -24,6 +24,7 @@ def test_a_trainer_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_r
             lambda crash: run_flow(FLOWS / "train_lightning.py", "run", "--crash-at", crash), ["20", ""])
     assert "attempt 0: killed at global step 20" in crashed.output
     assert "attempt 1: resumed at global step 16" in crashed.output
+    assert "Restored all states from the checkpoint at " in crashed.output
     assert "resumed" not in clean.output
     a = Run(f"LightningTrainFlow/{crashed.run_id}")["train"].task
     b = Run(f"LightningTrainFlow/{clean.run_id}")["train"].task
