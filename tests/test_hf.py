@@ -8,12 +8,19 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
+from metaflow.metaflow_current import Current
 from safetensors.torch import load_file
 
 from conftest import FLOWS
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.api import standalone
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.checkpointer import Checkpointer
-from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.integrations.hf import TrainerFolder
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.exceptions import CheckpointSaveError
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.integrations.hf import (
+    MetaflowCheckpointCallback,
+    TrainerFolder,
+)
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.manifest import TaskLocation
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import CheckpointStore
 
@@ -79,3 +86,18 @@ def test_a_trainer_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_r
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
     assert a["losses"].data == b["losses"].data and len(a["losses"].data) == 6
     assert a["hf_checkpoint"].data.global_step == 24
+
+
+def test_a_save_whose_folder_is_not_under_output_dir_is_refused_naming_it(tmp_path, monkeypatch):
+    """A Trainer save whose folder is not where the callback looks (a hyperparameter search
+    writes elsewhere) is a CheckpointSaveError naming the folder; nothing is saved."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    flow = type("Flow", (), {})()
+    cp = standalone(flow, str(tmp_path / "root"), TaskLocation("HFFlow", "1", "train", "2"))
+    monkeypatch.setattr(Current, "checkpoint", property(lambda _: cp))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    folder = os.path.join(str(tmp_path / "out"), "checkpoint-4")
+    with pytest.raises(CheckpointSaveError, match=f"global step 4 but its checkpoint folder {folder} does not exist"):
+        MetaflowCheckpointCallback(flow).on_save(args, TrainerState(global_step=4), TrainerControl())
+    assert not hasattr(flow, "hf_checkpoint") and cp.list() == []
