@@ -42,7 +42,8 @@ def regressor():
 
         def configure_optimizers(self):
             opt = torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.01)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=self.trainer.estimated_stepping_batches)
+            steps = self.trainer.estimated_stepping_batches
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return Regressor()
@@ -100,7 +101,8 @@ class LightningTrainFlow(FlowSpec):
         )
         resume = callback.resume_from()
         if resume:
-            print(f"attempt {current.retry_count}: resumed at global step {self.lightning_checkpoint.checkpoint['global_step']}")
+            step_ = self.lightning_checkpoint.checkpoint["global_step"]
+            print(f"attempt {current.retry_count}: resumed at global step {step_}")
         trainer.fit(model, train, val, ckpt_path=resume)
         self.final_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.val_loss = trainer.callback_metrics["val_loss"].item()

@@ -5,14 +5,35 @@ uninterrupted run.
 """
 from __future__ import annotations
 
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
+import lightning.pytorch as pl
+import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from metaflow.metaflow_current import Current
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import FLOWS
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.api import standalone
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.integrations.lightning import (
+    MetaflowCheckpointCallback,
+)
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.manifest import TaskLocation
+
+
+class Model(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(4, 1)
+
+    def training_step(self, batch, _):
+        return nn.functional.mse_loss(self.net(batch[0]).squeeze(-1), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def test_a_trainer_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(run_flow):
@@ -42,43 +63,35 @@ def test_a_trainer_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_r
     assert all(cp.metadata["path"].endswith(f"step={cp.metadata['global_step']}.ckpt") for cp in saved)
 
 
-def test_every_lightning_save_is_stored_and_other_paths_are_read_from_lightnings_files(tmp_path, monkeypatch):
+def test_every_lightning_save_is_stored_and_the_next_attempt_resumes_without_lightnings_files(tmp_path, monkeypatch):
     """Each epoch's ModelCheckpoint save is written by Lightning and stored with its metadata;
-    the wrapped IO answers the restored path with the restored dict (no file read) and any other
-    path (an earlier epoch, "best") from Lightning's own file, which holds the RNG states too."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.integrations.lightning import (
-        MetaflowCheckpointCallback,
-    )
-
-    class Model(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Linear(4, 1)
-
-        def training_step(self, batch, _):
-            return nn.functional.mse_loss(self.net(batch[0]).squeeze(-1), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
+    the wrapped IO reads any path (an earlier epoch, "best") from Lightning's own file, which
+    holds the RNG states; in the next attempt, with those files gone, fit(ckpt_path=...) resumes
+    from the dict load() restored (served once)."""
     flow = type("Flow", (), {})()
     cp = standalone(flow, str(tmp_path / "root"), TaskLocation("LightningFlow", "1", "train", "2"))
     monkeypatch.setattr(Current, "checkpoint", property(lambda _: cp))
     callback = MetaflowCheckpointCallback(flow)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                          callbacks=[callback, ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1)])
-    trainer.fit(Model(), DataLoader(TensorDataset(torch.randn(16, 4), torch.randn(16)), batch_size=8))
+    data = DataLoader(TensorDataset(torch.randn(16, 4), torch.randn(16)), batch_size=8)
+    trainer.fit(Model(), data)
     saved = sorted(cp.list(), key=lambda c: c.metadata["global_step"])
     assert [(c.metadata["epoch"], c.metadata["global_step"]) for c in saved] == [(0, 2), (1, 4)]
     first, last = (c.metadata["path"] for c in saved)
     assert last == flow.lightning_checkpoint.path and first.endswith("epoch=0-step=2.ckpt")
     io = trainer.strategy.checkpoint_io
-    assert io.load_checkpoint(last) is flow.lightning_checkpoint.checkpoint
     from_disk = io.load_checkpoint(first, weights_only=False)
-    assert from_disk["global_step"] == 2 and from_disk is not flow.lightning_checkpoint.checkpoint
-    assert "rng" in from_disk["callbacks"]["MetaflowCheckpointCallback"]
+    assert from_disk["global_step"] == 2 and "rng" in from_disk["callbacks"]["MetaflowCheckpointCallback"]
+    shutil.rmtree(tmp_path / "ckpt")  # the next attempt, on another machine: only the store is left
+    retry = type("Flow", (), {})()
+    cp1 = standalone(retry, str(tmp_path / "root"), TaskLocation("LightningFlow", "1", "train", "2"), attempt=1)
+    monkeypatch.setattr(Current, "checkpoint", property(lambda _: cp1))
+    resumed = MetaflowCheckpointCallback(retry)
+    assert resumed.resume_from() == last and cp1.loaded.key == saved[-1].key
+    again = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                       callbacks=[resumed, ModelCheckpoint(dirpath=str(tmp_path / "ckpt2"))])
+    again.fit(Model(), data, ckpt_path=last)
+    assert again.global_step == 6 and [c.metadata["global_step"] for c in cp1.list(attempt=1)] == [6]
+    with pytest.raises(FileNotFoundError):  # the restored dict is served once, then only files
+        again.strategy.checkpoint_io.load_checkpoint(last)

@@ -45,10 +45,12 @@ class _MetaflowIO(CheckpointIO):
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
         self.owner.save(LightningCheckpoint(str(path), checkpoint))
 
-    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict:
-        restored = self.owner.restored()
-        if restored is not None and restored.path == str(path):
-            return restored.checkpoint
+    def load_checkpoint(
+        self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None,
+    ) -> dict:
+        resumed = self.owner.take_resumed(str(path))
+        if resumed is not None:
+            return resumed
         return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     def remove_checkpoint(self, path: Any) -> None:
@@ -81,6 +83,7 @@ class MetaflowCheckpointCallback(Callback):
     def __init__(self, flow: Any, attribute: str = "lightning_checkpoint"):
         self.flow = flow
         self.attribute = attribute
+        self._resumed: Optional[LightningCheckpoint] = None
 
     def resume_from(self) -> Optional[str]:
         """The ``ckpt_path`` to resume from: the path of the checkpoint ``load()`` restored, or
@@ -88,11 +91,16 @@ class MetaflowCheckpointCallback(Callback):
         unless this attempt already loaded one."""
         if current.checkpoint.loaded is None:
             current.checkpoint.load()
-        restored = self.restored()
-        return restored.path if restored else None
+        self._resumed = getattr(self.flow, self.attribute, None)
+        return self._resumed.path if self._resumed else None
 
-    def restored(self) -> Optional[LightningCheckpoint]:
-        return getattr(self.flow, self.attribute, None)
+    def take_resumed(self, path: str) -> Optional[dict]:
+        """The restored dict, once, if ``path`` is its path. Once: the Trainer trains on its
+        tensors in place (as on those of a file it reads), so it is no checkpoint afterwards."""
+        if self._resumed is None or self._resumed.path != path:
+            return None
+        resumed, self._resumed = self._resumed, None
+        return resumed.checkpoint
 
     def save(self, saved: LightningCheckpoint) -> None:
         setattr(self.flow, self.attribute, saved)
