@@ -48,8 +48,12 @@ setup(
     extras_require={
         "s3": ["s3fs>=2024.12"],
         "demo": ["numpy>=1.22"],  # flows/train_numpy.py
+        # integrations/hf.py and integrations/lightning.py (the core imports neither framework)
+        "hf": ["transformers>=4.46", "accelerate>=1.1", "safetensors>=0.4"],
+        "lightning": ["lightning>=2.4"],
         # torch 2.13.0: a CPU build this project's machines install from local disk in seconds
         "dev": ["pytest>=7", "numpy>=1.22", "s3fs>=2024.12", "moto[server]>=5.1", "selenium>=4.10",
-                "torch==2.13.0"],
+                "torch==2.13.0", "transformers==5.17.0", "accelerate>=1.1", "safetensors>=0.4",
+                "lightning==2.6.6"],
     },
 )
