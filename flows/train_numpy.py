@@ -54,6 +54,9 @@ class TrainFlow(FlowSpec):
             current.checkpoint.save(metadata={"loss": self.losses[-1], "epoch": self.epoch})
             time.sleep(self.epoch_seconds)
             if current.retry_count < len(crashes) and self.epoch == crashes[current.retry_count]:
+                # The crash strikes in the next epoch, once this epoch's save is durable (save()
+                # returns before it is written: a task killed that very instant loses it).
+                current.checkpoint.wait()
                 print(f"attempt {current.retry_count}: killed at epoch {self.epoch}")
                 os.kill(os.getpid(), signal.SIGKILL)
         self.train_task = current.pathspec  # for the hint at the end (after the last save: not state)
