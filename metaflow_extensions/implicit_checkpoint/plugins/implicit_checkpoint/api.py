@@ -15,6 +15,7 @@ from .manifest import CheckpointArtifact, TaskLocation, parse_key
 from .recovery import restore_newest_intact
 from .references import Reference, key_in_store, warnings_to_log
 from .snapshot import select_state
+from .steps import find_step
 from .store import CheckpointStore, open_store
 from .writer import Capture, capture
 
@@ -86,7 +87,7 @@ class CurrentCheckpoint:
     # ----- the calls -----------------------------------------------------------------
     def save(
         self, name: str = "mfchckpt", metadata: Optional[dict] = None, latest: bool = True,
-        wait: bool = False, pin: bool = False,
+        wait: bool = False, pin: bool = False, step: Optional[int] = None,
     ) -> CheckpointArtifact:
         """Snapshot the step's attributes and return the checkpoint.
 
@@ -95,6 +96,7 @@ class CurrentCheckpoint:
         stored ones). ``wait=True`` returns only when this and every earlier save is durable.
         ``latest=False`` keeps and lists the checkpoint but never picks it for a default
         ``load()``. ``pin=True`` exempts it from ``@checkpoint(keep=...)`` retention.
+        ``step=N`` records the training step (a whole number >= 0) for ``load(step=N)``.
         """
         self._first_use()
         self._ready_to_save()  # here, not in a child
@@ -116,6 +118,7 @@ class CurrentCheckpoint:
             namespace=self._ctx.namespace,
             where=self._where,
             resumed_from=self._loaded.key if self._loaded else None,
+            step=step,
         )
         if self._background is None or wait or cap.size < ASYNC_MIN_BYTES:
             artifact = self._checkpointer.commit(cap, pin)
@@ -153,14 +156,18 @@ class CurrentCheckpoint:
         raise_failures(results, self._where)
         return done
 
-    def load(self, reference: Optional[Reference] = None) -> Optional[CheckpointArtifact]:
+    def load(self, reference: Optional[Reference] = None, step: Optional[int] = None) -> Optional[CheckpointArtifact]:
         """Restore a checkpoint's attributes onto ``self`` and return it.
 
         With no reference, restores what ``load_policy`` found and returns ``None`` when
         there is nothing to load; if that checkpoint's payloads are damaged, warns naming
         them and falls back to the newest intact checkpoint. An explicit reference that does
-        not exist or is damaged raises.
+        not exist or is damaged raises. ``step=N``: the newest checkpoint saved with
+        ``save(step=N)`` by this task (then, with ``load_policy="eager"``, by other runs at its
+        position); none raises ``CheckpointNotFound`` naming the steps that exist.
         """
+        if step is not None:
+            reference = self._by_step(reference, step)
         if reference is None and self.latest is None:
             return None
         self._first_use()
@@ -195,18 +202,20 @@ class CurrentCheckpoint:
         key = self._parent or (self.latest.key if self.latest else None)
         return self._checkpointer.read(key).implicit_manifest if key else None
 
-    def list(self, name: Optional[str] = None, attempt: Optional[int] = None, task: Any = None) -> list[CheckpointArtifact]:
+    def list(self, name: Optional[str] = None, attempt: Optional[int] = None, task: Any = None,
+             step: Optional[int] = None) -> list[CheckpointArtifact]:
         """This task's checkpoints over all its attempts, newest first by creation time.
 
-        ``task=`` (a ``Task`` or pathspec) lists another task's instead.
+        ``name``, ``attempt`` and ``step`` filter; ``task=`` (a ``Task`` or pathspec) lists
+        another task's instead.
         """
         if task is not None:
             from .client import Checkpoint
 
-            return Checkpoint().list(task=task, name=name, attempt=attempt)
+            return Checkpoint().list(task=task, name=name, attempt=attempt, step=step)
         self._settle(self._background.poll() if self._background else [])
         with warnings_to_log():
-            return self._checkpointer.list(self._ctx.location, name=name, attempt=attempt)
+            return self._checkpointer.list(self._ctx.location, name=name, attempt=attempt, step=step)
 
     def lineage(self, reference: Optional[Reference] = None) -> list[CheckpointArtifact]:
         """Ancestors of a checkpoint (default: the one loaded in this attempt), oldest first,
@@ -216,6 +225,14 @@ class CurrentCheckpoint:
         key = self._loaded.key if reference is None else self._key(reference)
         with warnings_to_log():
             return follow_lineage(self._checkpointer, key)
+
+    def _by_step(self, reference: Optional[Reference], step: int) -> CheckpointArtifact:
+        if reference is not None:
+            raise CheckpointFormatError(f"load() in {self._where} takes a reference or step=, not both.")
+        self.wait()  # a save of that step may still be written in the background
+        with warnings_to_log():
+            return find_step(self._checkpointer, self._ctx.location, step, where=self._where,
+                             other_runs=self._ctx.load_policy == "eager", namespace=self._ctx.namespace)
 
     def _candidates(self):
         return self._checkpointer.resumable(

@@ -110,6 +110,11 @@ class CardView:
     def hidden(self) -> int:
         return self.total - len(self.rows)
 
+    @property
+    def has_steps(self) -> bool:
+        """Whether any shown checkpoint was saved with ``save(step=N)`` (the Step column)."""
+        return any(r.checkpoint.step is not None for r in self.rows)
+
 
 def build_view(checkpointer: Checkpointer, request: CardRequest) -> CardView:
     """Read the task's checkpoints (oldest first) and the lineage of the loaded one. Ancestors

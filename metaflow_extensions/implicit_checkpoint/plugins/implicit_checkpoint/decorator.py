@@ -68,8 +68,9 @@ class CheckpointDecorator(StepDecorator):
     MF Add To Current
     -----------------
     checkpoint -> CurrentCheckpoint
-        `save(name, metadata, latest, wait, pin)`, `wait()`, `load(reference)`, `is_loaded`,
-        `latest`, `inspect(reference)`, `list(name, attempt, task)`, `lineage(reference)`.
+        `save(name, metadata, latest, wait, pin, step)`, `wait()`, `load(reference, step)`,
+        `is_loaded`, `latest`, `inspect(reference)`, `list(name, attempt, task, step)`,
+        `lineage(reference)`.
     """
 
     name = "checkpoint"
