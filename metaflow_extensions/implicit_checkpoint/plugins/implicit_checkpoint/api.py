@@ -39,6 +39,7 @@ class StepContext:
     on_saved: Callable[[CheckpointArtifact], None] = lambda artifact: None  # after each durable save; cheap
     async_saves: bool = True
     keep: Optional[retention.KeepPolicy] = None
+    preempted: Callable[[], bool] = lambda: False  # SIGTERM or a spot notice (preemption.py)
 
 
 class CurrentCheckpoint:
@@ -78,6 +79,13 @@ class CurrentCheckpoint:
     def is_loaded(self) -> bool:
         """True when there is a checkpoint this task can resume from."""
         return self.latest is not None
+
+    @property
+    def preempted(self) -> bool:
+        """True once the task got SIGTERM or a spot-termination notice: save and return now.
+        The task then ends as SIGTERM would, once pending saves are flushed (within
+        ``METAFLOW_IMPLICIT_CHECKPOINT_PREEMPT_SECONDS`` of the signal), so ``@retry`` resumes."""
+        return self._ctx.preempted()
 
     @property
     def loaded(self) -> Optional[CheckpointArtifact]:
