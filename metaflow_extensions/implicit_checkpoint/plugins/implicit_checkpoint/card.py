@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -31,11 +31,12 @@ from .checkpointer import Checkpointer
 from .exceptions import CheckpointError
 from .lineage import lineage as follow_lineage
 from .manifest import CheckpointArtifact, TaskLocation
+from .marks import live_ids
 
 CARD_TYPE = "implicit_checkpoint"
 CARD_ID = "implicit_checkpoint"
 TEMPLATES = Path(__file__).resolve().with_name("templates")
-SECTIONS = ("header", "plot", "checkpoints", "lineage")
+SECTIONS = ("header", "nodes", "plot", "checkpoints", "lineage")
 PREFERRED_METRIC = "loss"
 PLOT_WIDTH, PLOT_HEIGHT, PLOT_PAD = 640, 170, 28
 NEWEST_ROWS, BEST_ROWS, LINEAGE_ROWS, PLOT_POINTS = 25, 5, 25, 400
@@ -52,6 +53,8 @@ class CardRequest:
     load_policy: str
     loaded: Optional[str] = None  # key of the checkpoint this attempt loaded
     failed: bool = False  # rendered because this attempt raised
+    parallel: Optional[list] = None  # @parallel: [node index, number of nodes]
+    nodes: list = field(default_factory=list)  # @parallel, node 0: [task id, position] of every node
 
     @property
     def location(self) -> TaskLocation:
@@ -74,6 +77,17 @@ class Row:
     failed: bool
     loaded: bool
     lineage_index: Optional[int] = None  # its place in the loaded checkpoint's lineage, if any
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    """One node of a @parallel step, on node 0's card: its task and newest checkpoint."""
+
+    index: int
+    pathspec: str
+    count: int
+    newest: Optional[CheckpointArtifact]
+    problem: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +119,7 @@ class CardView:
     rendered_on: str
     total: int = 0  # checkpoints of the task, shown or not
     written: int = 0  # bytes they wrote
+    nodes: tuple[NodeRow, ...] = ()  # @parallel, on node 0's card: every node
 
     @property
     def hidden(self) -> int:
@@ -142,7 +157,23 @@ def build_view(checkpointer: Checkpointer, request: CardRequest) -> CardView:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     plot = make_plot(rows)
     return CardView(request, _shown(rows, plot), chain[-1] if chain else None, elsewhere, len(chain), plot, problem,
-                    now, total=len(rows), written=sum(r.checkpoint.written for r in rows))
+                    now, total=len(rows), written=sum(r.checkpoint.written for r in rows),
+                    nodes=node_rows(checkpointer, request))
+
+
+def node_rows(checkpointer: Checkpointer, request: CardRequest) -> tuple[NodeRow, ...]:
+    """Each node of a @parallel step: how many checkpoints it has and its newest (one listing
+    and one manifest read per node, whatever their number)."""
+    flow, run, step, _ = request.pathspec.split("/")
+    rows = []
+    for index, (task, position) in enumerate(request.nodes):
+        loc = TaskLocation(flow, run, step, task, position)
+        try:
+            found = live_ids(checkpointer.store, loc)
+            rows.append(NodeRow(index, loc.pathspec, len(found), checkpointer.read(loc.key(found[-1])) if found else None))
+        except CheckpointError as exc:
+            rows.append(NodeRow(index, loc.pathspec, 0, None, f"cannot be read: {exc}"))
+    return tuple(rows)
 
 
 def _shown(rows: tuple[Row, ...], plot: Optional[Plot]) -> tuple[Row, ...]:

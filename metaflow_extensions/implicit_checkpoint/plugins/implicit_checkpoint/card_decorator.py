@@ -60,6 +60,8 @@ class CheckpointCardDecorator(StepDecorator):
         self._updates = None
         self._modes = ()
         self._used = False
+        self._parallel = False
+        self._flow = None
 
     def external_init(self):
         super().external_init()
@@ -71,6 +73,7 @@ class CheckpointCardDecorator(StepDecorator):
         # @card counts a step's cards (to know when all have registered) when the step's first
         # @card is initialized; this card is not in `decorators` as a CardDecorator.
         CardDecorator.total_decos_on_step[step_name] = 1 + sum(isinstance(d, CardDecorator) for d in decorators)
+        self._parallel = any(getattr(d, "IS_PARALLEL", False) for d in decorators)
 
     def task_pre_step(
         self, step_name, task_datastore, metadata, run_id, task_id, flow, graph,
@@ -79,8 +82,11 @@ class CheckpointCardDecorator(StepDecorator):
         position = TaskLocation.position_of(flow.foreach_stack())
         self.card.card_options = {
             **self.card.attributes["options"], "position": position, "attempt": retry_count,
-            "loaded": None, "failed": False,
+            "loaded": None, "failed": False, "nodes": [],
+            # a @parallel node's position ends with its node index (the split index Metaflow gives it)
+            "parallel": [int(position.rpartition(".")[2]), _num_nodes(flow)] if self._parallel else None,
         }
+        self._flow = flow
         self._uuid = hashlib.sha256(f"{flow.name}/{run_id}/{step_name}/{task_id}".encode()).hexdigest()[:32]
         with _card_uuid(self._uuid):
             self.card.task_pre_step(
@@ -100,6 +106,8 @@ class CheckpointCardDecorator(StepDecorator):
 
     def checkpoint_saved(self, artifact: CheckpointArtifact) -> None:
         self._used = True
+        if self._parallel and not self.card.card_options["nodes"]:
+            self.card.card_options = {**self.card.card_options, "nodes": parallel_nodes(self._flow, self.card.card_options["position"])}
         self._updates.request()
 
     def task_exception(self, exception, step_name, flow, graph, retry_count, max_user_code_retries):
@@ -184,6 +192,18 @@ def attach_card(decorators: list, root: str, load_policy: str) -> CheckpointCard
     card.external_init()
     decorators.append(card)
     return card
+
+
+def parallel_nodes(flow, position: str) -> list:
+    """[task id, position] of every node of a @parallel step, node 0 first, as its control task
+    (node 0) knows them once the step runs; ``[]`` in the other nodes."""
+    tasks = getattr(flow, "_control_mapper_tasks", None) or []
+    outer = position.rpartition(".")[0]
+    return [[task.rsplit("/", 1)[1], f"{outer}.{i}" if outer else str(i)] for i, task in enumerate(tasks)]
+
+
+def _num_nodes(flow) -> int:
+    return getattr(getattr(flow, "_parallel_ubf_iter", None), "num_parallel", 0)
 
 
 @contextmanager
