@@ -107,14 +107,16 @@ def test_a_forked_child_dies_of_sigterm_as_before(tmp_path):
     assert proc.stdout.split() == ["True", "False"], proc.stderr
 
 
-def wait_for(path: Path, timeout: float = 120) -> str:
-    """The content of ``path`` once the flow has written it (polling a file the flow writes)."""
+def wait_for_epoch(path: Path, epoch: int, timeout: float = 120) -> int:
+    """The pid the flow wrote to ``path`` ("<pid> <epoch>", replaced atomically each epoch) once
+    its epoch reached ``epoch``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
+        fields = path.read_text().split() if path.exists() else []
+        if fields and int(fields[1]) >= epoch:
+            return int(fields[0])
         time.sleep(0.05)
-    raise AssertionError(f"{path} was never written")
+    raise AssertionError(f"the flow never reached epoch {epoch} ({path})")
 
 
 def test_sigterm_mid_loop_then_retry_resumes_from_the_save_after_the_signal(metaflow_home, tmp_path):
@@ -129,10 +131,7 @@ def test_sigterm_mid_loop_then_retry_resumes_from_the_save_after_the_signal(meta
         cwd=metaflow_home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        while int((line := wait_for(progress)).split()[1]) < 5:
-            time.sleep(0.05)
-        pid = int(line.split()[0])
-        os.kill(pid, signal.SIGTERM)
+        os.kill(wait_for_epoch(progress, 5), signal.SIGTERM)
         output, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()

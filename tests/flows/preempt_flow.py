@@ -27,6 +27,8 @@ class PreemptFlow(FlowSpec):
                 current.checkpoint.save(step=self.epoch, metadata={"preempted": True})
                 return  # the task then ends as SIGTERM would; @retry resumes from this save
             self.epoch += 1
+            if self.epoch > 2000:  # about 100 s: the test never sent SIGTERM
+                raise RuntimeError("never preempted")
             if self.epoch % 3 == 0:
                 current.checkpoint.save(step=self.epoch)
             with open(os.environ["PREEMPT_PROGRESS"] + ".tmp", "w") as f:
