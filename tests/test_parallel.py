@@ -67,3 +67,28 @@ def test_the_card_shows_every_node(parallel_run, run_flow):
     assert len(CardTables(worker).rows("checkpoints")) == 8
     listed = run_flow(FLOW, "checkpoint", "list", f"{result.run_id}/train").proc.stdout
     assert len(re.findall(r"/train/2/0/", listed)) == 8 and len(re.findall(r"/train/2_node_1/1/", listed)) == 8
+
+
+def test_node_positions_inside_a_foreach(tmp_path):
+    """Inside a foreach, node i of branch 3 is at position 3.i; node_rows reads each node's
+    count and newest checkpoint from those positions."""
+    import types
+
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.api import standalone
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.checkpointer import Checkpointer
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.manifest import TaskLocation
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.parallel import node_of, node_rows, parallel_nodes
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import open_store
+
+    flow = types.SimpleNamespace(_control_mapper_tasks=["9/train/5", "9/train/5_node_1"],
+                                 _parallel_ubf_iter=types.SimpleNamespace(num_parallel=2))
+    nodes = parallel_nodes(flow, "3.0")
+    assert nodes == [["5", "3.0"], ["5_node_1", "3.1"]] and node_of(flow, "3.1") == [1, 2]
+    root = str(tmp_path / "ckpt")
+    for saves, (task, position) in zip((2, 3), nodes):
+        api = standalone(types.SimpleNamespace(n=0), root, TaskLocation("F", "9", "train", task, position))
+        for n in range(saves):
+            api._ctx.flow.n = n
+            api.save(step=n)
+    rows = node_rows(Checkpointer(open_store(root)), TaskLocation("F", "9", "train", "5", "3.0"), nodes)
+    assert [(r.pathspec, r.count, r.newest.step) for r in rows] == [("F/9/train/5", 2, 1), ("F/9/train/5_node_1", 3, 2)]

@@ -31,7 +31,7 @@ from .checkpointer import Checkpointer
 from .exceptions import CheckpointError
 from .lineage import lineage as follow_lineage
 from .manifest import CheckpointArtifact, TaskLocation
-from .marks import live_ids
+from .parallel import NodeRow, node_rows
 
 CARD_TYPE = "implicit_checkpoint"
 CARD_ID = "implicit_checkpoint"
@@ -77,17 +77,6 @@ class Row:
     failed: bool
     loaded: bool
     lineage_index: Optional[int] = None  # its place in the loaded checkpoint's lineage, if any
-
-
-@dataclass(frozen=True)
-class NodeRow:
-    """One node of a @parallel step, on node 0's card: its task and newest checkpoint."""
-
-    index: int
-    pathspec: str
-    count: int
-    newest: Optional[CheckpointArtifact]
-    problem: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -158,22 +147,7 @@ def build_view(checkpointer: Checkpointer, request: CardRequest) -> CardView:
     plot = make_plot(rows)
     return CardView(request, _shown(rows, plot), chain[-1] if chain else None, elsewhere, len(chain), plot, problem,
                     now, total=len(rows), written=sum(r.checkpoint.written for r in rows),
-                    nodes=node_rows(checkpointer, request))
-
-
-def node_rows(checkpointer: Checkpointer, request: CardRequest) -> tuple[NodeRow, ...]:
-    """Each node of a @parallel step: how many checkpoints it has and its newest (one listing
-    and one manifest read per node, whatever their number)."""
-    flow, run, step, _ = request.pathspec.split("/")
-    rows = []
-    for index, (task, position) in enumerate(request.nodes):
-        loc = TaskLocation(flow, run, step, task, position)
-        try:
-            found = live_ids(checkpointer.store, loc)
-            rows.append(NodeRow(index, loc.pathspec, len(found), checkpointer.read(loc.key(found[-1])) if found else None))
-        except CheckpointError as exc:
-            rows.append(NodeRow(index, loc.pathspec, 0, None, f"cannot be read: {exc}"))
-    return tuple(rows)
+                    nodes=node_rows(checkpointer, request.location, request.nodes))
 
 
 def _shown(rows: tuple[Row, ...], plot: Optional[Plot]) -> tuple[Row, ...]:

@@ -14,6 +14,7 @@ from metaflow.plugins.cards.component_serializer import CardComponentCollector
 
 from .card import CARD_ID, CARD_TYPE
 from .manifest import CheckpointArtifact, TaskLocation
+from .parallel import node_of, parallel_nodes
 
 # Card updates start at least this far apart; saves in between are shown by the next one.
 UPDATE_GAP_SECONDS = 2.0
@@ -83,8 +84,7 @@ class CheckpointCardDecorator(StepDecorator):
         self.card.card_options = {
             **self.card.attributes["options"], "position": position, "attempt": retry_count,
             "loaded": None, "failed": False, "nodes": [],
-            # a @parallel node's position ends with its node index (the split index Metaflow gives it)
-            "parallel": [int(position.rpartition(".")[2]), _num_nodes(flow)] if self._parallel else None,
+            "parallel": node_of(flow, position) if self._parallel else None,
         }
         self._flow = flow
         self._uuid = hashlib.sha256(f"{flow.name}/{run_id}/{step_name}/{task_id}".encode()).hexdigest()[:32]
@@ -192,18 +192,6 @@ def attach_card(decorators: list, root: str, load_policy: str) -> CheckpointCard
     card.external_init()
     decorators.append(card)
     return card
-
-
-def parallel_nodes(flow, position: str) -> list:
-    """[task id, position] of every node of a @parallel step, node 0 first, as its control task
-    (node 0) knows them once the step runs; ``[]`` in the other nodes."""
-    tasks = getattr(flow, "_control_mapper_tasks", None) or []
-    outer = position.rpartition(".")[0]
-    return [[task.rsplit("/", 1)[1], f"{outer}.{i}" if outer else str(i)] for i, task in enumerate(tasks)]
-
-
-def _num_nodes(flow) -> int:
-    return getattr(getattr(flow, "_parallel_ubf_iter", None), "num_parallel", 0)
 
 
 @contextmanager

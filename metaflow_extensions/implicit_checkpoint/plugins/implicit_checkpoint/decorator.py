@@ -112,8 +112,7 @@ class CheckpointDecorator(StepDecorator):
         self, step_name, task_datastore, metadata, run_id, task_id, flow, graph,
         retry_count, max_user_code_retries, ubf_context, inputs,
     ):
-        # In a @parallel step the innermost foreach frame is the node's index (Metaflow runs each
-        # node with it as split index), so every node has a position of its own, across runs too.
+        # In a @parallel step the position ends with the node index (parallel.py).
         location = TaskLocation(
             flow.name, str(run_id), step_name, str(task_id), TaskLocation.position_of(flow.foreach_stack())
         )
