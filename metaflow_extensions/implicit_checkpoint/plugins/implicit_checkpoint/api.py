@@ -16,6 +16,7 @@ from .manifest import CheckpointArtifact, TaskLocation, parse_key
 from .recovery import restore_newest_intact
 from .references import Reference, key_in_store, warnings_to_log
 from .snapshot import select_state
+from .steps import find_step
 from .store import CheckpointStore, open_store
 from .writer import Capture, capture
 
@@ -39,6 +40,7 @@ class StepContext:
     on_saved: Callable[[CheckpointArtifact], None] = lambda artifact: None  # after each durable save; cheap
     async_saves: bool = True
     keep: Optional[retention.KeepPolicy] = None
+    preempted: Callable[[], bool] = lambda: False  # SIGTERM or a spot notice (preemption.py)
 
 
 class CurrentCheckpoint:
@@ -81,6 +83,13 @@ class CurrentCheckpoint:
         return self.latest is not None
 
     @property
+    def preempted(self) -> bool:
+        """True once the task got SIGTERM or a spot-termination notice: save and return now.
+        The task then ends as SIGTERM would, once pending saves are flushed (within
+        ``METAFLOW_IMPLICIT_CHECKPOINT_PREEMPT_SECONDS`` of the signal), so ``@retry`` resumes."""
+        return self._ctx.preempted()
+
+    @property
     def loaded(self) -> Optional[CheckpointArtifact]:
         """The checkpoint ``load()`` restored in this attempt, if any."""
         return self._loaded
@@ -88,7 +97,7 @@ class CurrentCheckpoint:
     # ----- the calls -----------------------------------------------------------------
     def save(
         self, name: str = "mfchckpt", metadata: Optional[dict] = None, latest: bool = True,
-        wait: bool = False, pin: bool = False,
+        wait: bool = False, pin: bool = False, step: Optional[int] = None,
     ) -> CheckpointArtifact:
         """Snapshot the step's attributes and return the checkpoint.
 
@@ -100,6 +109,7 @@ class CurrentCheckpoint:
         durable.
         ``latest=False`` keeps and lists the checkpoint but never picks it for a default
         ``load()``. ``pin=True`` exempts it from ``@checkpoint(keep=...)`` retention.
+        ``step=N`` records the training step (a whole number >= 0) for ``load(step=N)``.
         """
         self._first_use()
         self._ready_to_save()  # here, not in a child
@@ -122,6 +132,7 @@ class CurrentCheckpoint:
             where=self._where,
             resumed_from=self._loaded.key if self._loaded else None,
             runs=self._checkpointer.segments,
+            step=step,
         )
         return self._dispatch(cap, wait, pin)
 
@@ -183,14 +194,18 @@ class CurrentCheckpoint:
         raise_failures(results, self._where)
         return done
 
-    def load(self, reference: Optional[Reference] = None) -> Optional[CheckpointArtifact]:
+    def load(self, reference: Optional[Reference] = None, step: Optional[int] = None) -> Optional[CheckpointArtifact]:
         """Restore a checkpoint's attributes onto ``self`` and return it.
 
         With no reference, restores what ``load_policy`` found and returns ``None`` when
         there is nothing to load; if that checkpoint's payloads are damaged, warns naming
         them and falls back to the newest intact checkpoint. An explicit reference that does
-        not exist or is damaged raises.
+        not exist or is damaged raises. ``step=N``: the newest checkpoint saved with
+        ``save(step=N)`` by this task (then, with ``load_policy="eager"``, by other runs at its
+        position); none raises ``CheckpointNotFound`` naming the steps that exist.
         """
+        if step is not None:
+            reference = self._by_step(reference, step)
         if reference is None and self.latest is None:
             return None
         self._first_use()
@@ -224,19 +239,21 @@ class CurrentCheckpoint:
         key = self._key(reference) if reference is not None else self._parent or (self.latest.key if self.latest else None)
         return self._committed(lambda: self._checkpointer.read(key)).implicit_manifest if key else None
 
-    def list(self, name: Optional[str] = None, attempt: Optional[int] = None, task: Any = None) -> list[CheckpointArtifact]:
+    def list(self, name: Optional[str] = None, attempt: Optional[int] = None, task: Any = None,
+             step: Optional[int] = None) -> list[CheckpointArtifact]:
         """This task's committed checkpoints over all its attempts, newest first (a save still
         being written appears once it is: ``wait()`` writes them all).
 
-        ``task=`` (a ``Task`` or pathspec) lists another task's instead.
+        ``name``, ``attempt`` and ``step`` filter; ``task=`` (a ``Task`` or pathspec) lists
+        another task's instead.
         """
         if task is not None:
             from .client import Checkpoint
 
-            return Checkpoint().list(task=task, name=name, attempt=attempt)
+            return Checkpoint().list(task=task, name=name, attempt=attempt, step=step)
         self._settle(self._poll())
         with warnings_to_log():
-            return self._checkpointer.list(self._ctx.location, name=name, attempt=attempt)
+            return self._checkpointer.list(self._ctx.location, name=name, attempt=attempt, step=step)
 
     def lineage(self, reference: Optional[Reference] = None) -> list[CheckpointArtifact]:
         """Ancestors of a checkpoint (default: the one loaded in this attempt), oldest first,
@@ -257,6 +274,14 @@ class CurrentCheckpoint:
                 raise
         self._settle(self._flush())
         return read()
+
+    def _by_step(self, reference: Optional[Reference], step: int) -> CheckpointArtifact:
+        if reference is not None:
+            raise CheckpointFormatError(f"load() in {self._where} takes a reference or step=, not both.")
+        self.wait()  # a save of that step may still be written in the background
+        with warnings_to_log():
+            return find_step(self._checkpointer, self._ctx.location, step, where=self._where,
+                             other_runs=self._ctx.load_policy == "eager", namespace=self._ctx.namespace)
 
     def _candidates(self):
         return self._checkpointer.resumable(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -31,11 +31,12 @@ from .checkpointer import Checkpointer
 from .exceptions import CheckpointError
 from .lineage import lineage as follow_lineage
 from .manifest import CheckpointArtifact, TaskLocation
+from .parallel import NodeRow, node_rows
 
 CARD_TYPE = "implicit_checkpoint"
 CARD_ID = "implicit_checkpoint"
 TEMPLATES = Path(__file__).resolve().with_name("templates")
-SECTIONS = ("header", "plot", "checkpoints", "lineage")
+SECTIONS = ("header", "nodes", "plot", "checkpoints", "lineage")
 PREFERRED_METRIC = "loss"
 PLOT_WIDTH, PLOT_HEIGHT, PLOT_PAD = 640, 170, 28
 NEWEST_ROWS, BEST_ROWS, LINEAGE_ROWS, PLOT_POINTS = 25, 5, 25, 400
@@ -52,6 +53,8 @@ class CardRequest:
     load_policy: str
     loaded: Optional[str] = None  # key of the checkpoint this attempt loaded
     failed: bool = False  # rendered because this attempt raised
+    parallel: Optional[list] = None  # @parallel: [node index, number of nodes]
+    nodes: list = field(default_factory=list)  # @parallel, node 0: [task id, position] of every node
 
     @property
     def location(self) -> TaskLocation:
@@ -105,10 +108,16 @@ class CardView:
     rendered_on: str
     total: int = 0  # checkpoints of the task, shown or not
     written: int = 0  # bytes they wrote
+    nodes: tuple[NodeRow, ...] = ()  # @parallel, on node 0's card: every node
 
     @property
     def hidden(self) -> int:
         return self.total - len(self.rows)
+
+    @property
+    def has_steps(self) -> bool:
+        """Whether any shown checkpoint was saved with ``save(step=N)`` (the Step column)."""
+        return any(r.checkpoint.step is not None for r in self.rows)
 
 
 def build_view(checkpointer: Checkpointer, request: CardRequest) -> CardView:
@@ -137,7 +146,8 @@ def build_view(checkpointer: Checkpointer, request: CardRequest) -> CardView:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     plot = make_plot(rows)
     return CardView(request, _shown(rows, plot), chain[-1] if chain else None, elsewhere, len(chain), plot, problem,
-                    now, total=len(rows), written=sum(r.checkpoint.written for r in rows))
+                    now, total=len(rows), written=sum(r.checkpoint.written for r in rows),
+                    nodes=node_rows(checkpointer, request.location, request.nodes))
 
 
 def _shown(rows: tuple[Row, ...], plot: Optional[Plot]) -> tuple[Row, ...]:

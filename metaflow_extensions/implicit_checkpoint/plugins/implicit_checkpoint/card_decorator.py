@@ -14,6 +14,7 @@ from metaflow.plugins.cards.component_serializer import CardComponentCollector
 
 from .card import CARD_ID, CARD_TYPE
 from .manifest import CheckpointArtifact, TaskLocation
+from .parallel import node_of, parallel_nodes
 
 # Card updates start at least this far apart; saves in between are shown by the next one.
 UPDATE_GAP_SECONDS = 2.0
@@ -60,6 +61,8 @@ class CheckpointCardDecorator(StepDecorator):
         self._updates = None
         self._modes = ()
         self._used = False
+        self._parallel = False
+        self._flow = None
 
     def external_init(self):
         super().external_init()
@@ -71,6 +74,7 @@ class CheckpointCardDecorator(StepDecorator):
         # @card counts a step's cards (to know when all have registered) when the step's first
         # @card is initialized; this card is not in `decorators` as a CardDecorator.
         CardDecorator.total_decos_on_step[step_name] = 1 + sum(isinstance(d, CardDecorator) for d in decorators)
+        self._parallel = any(getattr(d, "IS_PARALLEL", False) for d in decorators)
 
     def task_pre_step(
         self, step_name, task_datastore, metadata, run_id, task_id, flow, graph,
@@ -79,8 +83,10 @@ class CheckpointCardDecorator(StepDecorator):
         position = TaskLocation.position_of(flow.foreach_stack())
         self.card.card_options = {
             **self.card.attributes["options"], "position": position, "attempt": retry_count,
-            "loaded": None, "failed": False,
+            "loaded": None, "failed": False, "nodes": [],
+            "parallel": node_of(flow, position) if self._parallel else None,
         }
+        self._flow = flow
         self._uuid = hashlib.sha256(f"{flow.name}/{run_id}/{step_name}/{task_id}".encode()).hexdigest()[:32]
         with _card_uuid(self._uuid):
             self.card.task_pre_step(
@@ -100,6 +106,8 @@ class CheckpointCardDecorator(StepDecorator):
 
     def checkpoint_saved(self, artifact: CheckpointArtifact) -> None:
         self._used = True
+        if self._parallel and not self.card.card_options["nodes"]:
+            self.card.card_options = {**self.card.card_options, "nodes": parallel_nodes(self._flow, self.card.card_options["position"])}
         self._updates.request()
 
     def task_exception(self, exception, step_name, flow, graph, retry_count, max_user_code_retries):

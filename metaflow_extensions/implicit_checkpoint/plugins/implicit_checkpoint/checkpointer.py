@@ -103,14 +103,16 @@ class Checkpointer:
         body, buffers = payloads.read(self.store, artifact, inline, needed)
         return artifact, graph.decode(body, buffers, entries, wanted, closure, artifact.key, self.segments)
 
-    def list(self, loc: TaskLocation, name: Optional[str] = None, attempt: Optional[int] = None) -> list[CheckpointArtifact]:
+    def list(self, loc: TaskLocation, name: Optional[str] = None, attempt: Optional[int] = None,
+             step: Optional[int] = None) -> list[CheckpointArtifact]:
         """A task's checkpoints over all its attempts, newest first (``ids.py``: by attempt, then
         the order the attempt saved them, whatever the clocks said; deleted ones hidden,
-        ``pinned`` filled in)."""
+        ``pinned`` filled in). ``name``, ``attempt`` and ``step`` filter."""
         found_ids = live_ids(self.store, loc)  # oldest first
         if attempt is not None:
             found_ids = [i for i in found_ids if attempt_of(i) == attempt]
-        found = [a for a in self._read_many(loc, reversed(found_ids)) if name is None or a.name == name]
+        found = [a for a in self._read_many(loc, reversed(found_ids))
+                 if (name is None or a.name == name) and (step is None or a.step == step)]
         return _with_pins(found, loc, self.store)
 
     def find_resumable(
@@ -128,15 +130,18 @@ class Checkpointer:
         own = [i for i in reversed(live_ids(self.store, loc)) if attempt_of(i) < attempt]
         for start in range(0, len(own), 16):  # newest first, a few manifests at a time
             yield from (a for a in self._read_many(loc, own[start:start + 16]) if a.latest)
-        if not other_runs:
-            return
+        if other_runs:
+            yield from (a for a in self.other_runs(loc, namespace) if a.latest)
+
+    def other_runs(self, loc: TaskLocation, namespace: Optional[str]) -> Iterator[CheckpointArtifact]:
+        """The live checkpoints of the same flow, step and position in other runs of
+        ``namespace``, newest first (what ``eager`` resumes from)."""
         for other, checkpoint_id in reversed(self.store.list_position(loc.flow, loc.step, loc.position)):
             if other.run == loc.run:
                 continue
             for artifact in self._read_many(other, [checkpoint_id]):
-                if artifact.latest and artifact.namespace == namespace:
-                    if not is_marked(self.store, other, RETIRED, checkpoint_id):
-                        yield artifact
+                if artifact.namespace == namespace and not is_marked(self.store, other, RETIRED, checkpoint_id):
+                    yield artifact
 
     def _read_many(self, loc: TaskLocation, ids: Iterable[str]) -> list[CheckpointArtifact]:
         ids = list(ids)

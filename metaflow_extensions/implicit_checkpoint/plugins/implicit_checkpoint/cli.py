@@ -105,13 +105,14 @@ def _client():
 @click.argument("target", required=False)
 @click.option("--attempt", type=int, default=None, help="Only this attempt's checkpoints.")
 @click.option("--name", default=None, help="Only checkpoints saved with this name.")
+@click.option("--step", type=click.IntRange(min=0), default=None, help="Only checkpoints saved with save(step=STEP).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of checkpoint dicts.")
 @_handled
-def list_command(target, attempt, name, as_json):
+def list_command(target, attempt, name, step, as_json):
     from .resolve import tasks_of
 
     session, client = _session(), _client()
-    found = [a for task in tasks_of(session, target) for a in client.list(task, name=name, attempt=attempt)]
+    found = [a for task in tasks_of(session, target) for a in client.list(task, name=name, attempt=attempt, step=step)]
     if as_json:
         click.echo(json.dumps([a.to_dict() for a in found], indent=2))
     elif found:

@@ -14,9 +14,10 @@ from . import marks
 from .references import Reference, key_in_store, key_of
 from .checkpointer import Checkpointer
 from .display import CheckpointList
-from .exceptions import CheckpointNotFound
+from .exceptions import CheckpointFormatError, CheckpointNotFound
 from .lineage import lineage as follow_lineage
 from .manifest import TaskLocation, parse_key
+from .steps import find_step
 from .store import open_store
 
 ROOT_FIELD = "implicit-checkpoint-root"
@@ -71,19 +72,25 @@ class Checkpoint:
     def __init__(self, root: Optional[str] = None):
         self._root = root
 
-    def list(self, task: Any, name: Optional[str] = None, attempt: Optional[int] = None) -> CheckpointList:
+    def list(self, task: Any, name: Optional[str] = None, attempt: Optional[int] = None,
+             step: Optional[int] = None) -> CheckpointList:
         """All checkpoints of ``task`` (a ``Task`` or pathspec) over all its attempts,
-        newest first; ``name=`` and ``attempt=`` filter. Deleted ones are not listed. The list
-        shows itself as a table (HTML in Jupyter)."""
+        newest first; ``name=``, ``attempt=`` and ``step=`` filter. Deleted ones are not listed.
+        The list shows itself as a table (HTML in Jupyter)."""
         found = self._locate(task)
         if found is None:
             return CheckpointList()
         checkpointer, loc = found
-        return CheckpointList(checkpointer.list(loc, name=name, attempt=attempt))
+        return CheckpointList(checkpointer.list(loc, name=name, attempt=attempt, step=step))
 
-    def load(self, reference: Reference, into: Any = None, fields: Optional[Iterable[str]] = None) -> dict[str, Any]:
+    def load(self, reference: Optional[Reference] = None, into: Any = None, fields: Optional[Iterable[str]] = None,
+             *, task: Any = None, step: Optional[int] = None) -> dict[str, Any]:
         """The fields of a checkpoint as a dict; with ``into=``, also set them on that object.
-        ``fields=["model"]`` fetches only the named fields' payloads."""
+        ``fields=["model"]`` fetches only the named fields' payloads. Instead of a reference,
+        ``task=..., step=N`` loads the newest checkpoint that task saved with ``save(step=N)``
+        (none raises ``CheckpointNotFound`` naming the steps it has)."""
+        if step is not None or task is not None:
+            reference = self._by_step(reference, task, step)
         checkpointer = self.checkpointer_for(reference)
         values = checkpointer.load(key_in_store(reference, checkpointer.store), fields)[1]
         if into is not None:
@@ -139,6 +146,15 @@ class Checkpoint:
                 elif marks.retire(checkpointer.store, artifact.key):
                     deleted.append(artifact.key)
         return RunDeletion(run.pathspec, deleted, pinned)
+
+    def _by_step(self, reference: Optional[Reference], task: Any, step: Optional[int]) -> CheckpointArtifact:
+        if reference is not None or task is None or step is None:
+            raise CheckpointFormatError("Checkpoint().load() takes a reference, or task= and step= together.")
+        found = self._locate(task)
+        pathspec = task if isinstance(task, str) else task.pathspec
+        if found is None:
+            raise CheckpointNotFound(f"Task {pathspec} recorded no checkpoint storage: it never saved a checkpoint.")
+        return find_step(found[0], found[1], step, other_runs=False, namespace=None, where=f"task {pathspec}")
 
     # ----- finding a task's storage ---------------------------------------------------
     def checkpointer_for(self, reference: Reference) -> Checkpointer:

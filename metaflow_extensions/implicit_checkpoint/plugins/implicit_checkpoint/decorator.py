@@ -15,6 +15,7 @@ from .checkpointer import Checkpointer
 from .exceptions import CheckpointError, CheckpointSaveError
 from .client import LOADED_FIELD, POSITION_FIELD, ROOT_FIELD
 from .manifest import TaskLocation
+from .preemption import Preemption
 from .retention import parse_keep
 from .step_errors import CheckpointStepException
 from .store import open_store
@@ -68,8 +69,10 @@ class CheckpointDecorator(StepDecorator):
     MF Add To Current
     -----------------
     checkpoint -> CurrentCheckpoint
-        `save(name, metadata, latest, wait, pin)`, `wait()`, `load(reference)`, `is_loaded`,
-        `latest`, `inspect(reference)`, `list(name, attempt, task)`, `lineage(reference)`.
+        `save(name, metadata, latest, wait, pin, step)`, `wait()`, `load(reference, step)`,
+        `is_loaded`, `latest`, `inspect(reference)`, `list(name, attempt, task, step)`,
+        `lineage(reference)`, `preempted` (SIGTERM or a spot-termination notice arrived:
+        save and return; the task then ends as SIGTERM would, and `@retry` resumes).
     """
 
     name = "checkpoint"
@@ -109,10 +112,12 @@ class CheckpointDecorator(StepDecorator):
         self, step_name, task_datastore, metadata, run_id, task_id, flow, graph,
         retry_count, max_user_code_retries, ubf_context, inputs,
     ):
+        # In a @parallel step the position ends with the node index (parallel.py).
         location = TaskLocation(
             flow.name, str(run_id), step_name, str(task_id), TaskLocation.position_of(flow.foreach_stack())
         )
         url = self._root_url()
+        self._preemption = self._preemption_of(location, retry_count)
 
         def record(fields):
             entries = [
@@ -135,6 +140,7 @@ class CheckpointDecorator(StepDecorator):
             on_saved=self._card.checkpoint_saved if self._card else lambda artifact: None,
             async_saves=self._async_saves,
             keep=self._keep,
+            preempted=lambda: self._preemption.preempted,
         )
         self._api = CurrentCheckpoint(Checkpointer(open_store(url)), ctx)
         current._update_env({"checkpoint": self._api})
@@ -147,6 +153,8 @@ class CheckpointDecorator(StepDecorator):
                 return step_func()
             except CheckpointError as error:
                 raise CheckpointStepException(error, source_file) from error
+            finally:  # preempted: flush, then end as SIGTERM would (whether it returned or raised)
+                self._preemption.finish(self._api.wait)
 
         return step
 
@@ -165,6 +173,18 @@ class CheckpointDecorator(StepDecorator):
         error = exception.__cause__ if isinstance(exception, CheckpointStepException) else None
         if isinstance(error, CheckpointSaveError) and error.__cause__ is not None:
             print(f"{error.headline}: {error}", file=sys.stderr)
+
+    def _preemption_of(self, location: TaskLocation, attempt: int) -> Preemption:
+        """SIGTERM handling for this task process (preemption.py), chained to any previous one."""
+        from metaflow.metaflow_config import IMPLICIT_CHECKPOINT_PREEMPT_SECONDS
+
+        preemption = Preemption(
+            f"step {location.step!r} ({location.pathspec}, attempt {attempt})",
+            grace=float(IMPLICIT_CHECKPOINT_PREEMPT_SECONDS),
+            notice=lambda: getattr(current, "spot_termination_notice", None),  # @batch/@kubernetes set it
+        )
+        preemption.install()
+        return preemption
 
     def _loaded(self, artifact, record):
         record({LOADED_FIELD: artifact.key})

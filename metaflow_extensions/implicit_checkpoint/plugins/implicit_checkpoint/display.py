@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from .gc import GcReport
 
 COLUMNS = ("KEY", "ATTEMPT", "NAME", "CREATED (UTC)", "SIZE", "FLAGS", "METADATA")
-_RIGHT = {"ATTEMPT", "SIZE"}
+STEP_COLUMNS = ("KEY", "ATTEMPT", "STEP", "NAME", "CREATED (UTC)", "SIZE", "FLAGS", "METADATA")  # when any has a step
+_RIGHT = {"ATTEMPT", "STEP", "SIZE"}
 _METADATA_WIDTH = 40
 
 
@@ -46,10 +47,17 @@ def metadata_text(metadata: dict, width: int = _METADATA_WIDTH) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def row(artifact: CheckpointArtifact) -> tuple[str, ...]:
+def row(artifact: CheckpointArtifact, with_step: bool = False) -> tuple[str, ...]:
     created = artifact.created_on[:19].replace("T", " ")
-    return (artifact.key, str(artifact.attempt), artifact.name, created, human_bytes(artifact.size),
+    step = ("" if artifact.step is None else str(artifact.step),) if with_step else ()
+    return (artifact.key, str(artifact.attempt), *step, artifact.name, created, human_bytes(artifact.size),
             flags(artifact), metadata_text(artifact.metadata))
+
+
+def _table(artifacts: Sequence[CheckpointArtifact]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """The headers and rows of a list: a STEP column when any checkpoint has a step."""
+    with_step = any(a.step is not None for a in artifacts)
+    return (STEP_COLUMNS if with_step else COLUMNS), [row(a, with_step) for a in artifacts]
 
 
 def text_table(headers: Optional[Sequence[str]], rows: Iterable[Sequence[str]], right: set = frozenset()) -> str:
@@ -68,13 +76,13 @@ def text_table(headers: Optional[Sequence[str]], rows: Iterable[Sequence[str]], 
 def checkpoints_text(artifacts: Sequence[CheckpointArtifact]) -> str:
     if not artifacts:
         return "(no checkpoints)"
-    return text_table(COLUMNS, map(row, artifacts), _RIGHT)
+    return text_table(*_table(artifacts), _RIGHT)
 
 
 def checkpoints_html(artifacts: Sequence[CheckpointArtifact]) -> str:
     if not artifacts:
         return "<p>(no checkpoints)</p>"
-    return _html_table(COLUMNS, map(row, artifacts))
+    return _html_table(*_table(artifacts))
 
 
 def artifact_text(artifact: CheckpointArtifact, retired: bool = False) -> str:
@@ -133,6 +141,7 @@ def _facts(artifact: CheckpointArtifact, retired: bool) -> list[tuple[str, str]]
         ("key", artifact.key),
         ("name", artifact.name),
         ("task", f"{artifact.pathspec} (attempt {artifact.attempt})"),
+        ("step", "-" if artifact.step is None else str(artifact.step)),
         ("created", artifact.created_on),
         ("size", f"{human_bytes(artifact.size)} ({human_bytes(artifact.written)} written by this save)"),
         ("status", status),

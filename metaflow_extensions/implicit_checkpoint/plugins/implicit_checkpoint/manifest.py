@@ -121,6 +121,8 @@ class CheckpointArtifact:
     key of the checkpoint the saving attempt had loaded (``None`` if it loaded nothing), so
     lineage across attempts survives retention of intermediate saves. ``pinned`` is not stored
     in the manifest (manifests never change): ``list()`` fills it from the task's pins.
+    ``step`` is the training step given to ``save(step=N)`` (``None``: none was given, as in
+    every manifest written before steps existed).
     """
 
     key: str
@@ -139,6 +141,7 @@ class CheckpointArtifact:
     save_seconds: float = 0.0
     resumed_from: Optional[str] = None
     pinned: bool = False
+    step: Optional[int] = None
 
     @property
     def fields(self) -> dict[str, FieldEntry]:
@@ -263,10 +266,16 @@ _SHAPE = {"name": str, "pathspec": str, "attempt": int, "created_on": str, "meta
 def _check_shape(body: dict, url: str) -> None:
     """A manifest anyone could have written (no secret set) fails here, not deep in a load."""
     bad = [k for k, t in _SHAPE.items() if not isinstance(body.get(k), t)]
+    if not _step_ok(body.get("step")):
+        bad.append("step")
     if not bad and not _fields_ok(body["implicit_manifest"]):
         bad = ["implicit_manifest.fields"]
     if bad:
         raise CheckpointCorrupt(f"The manifest at {url} is malformed: bad {', '.join(bad)}.")
+
+
+def _step_ok(step: Any) -> bool:
+    return step is None or (isinstance(step, int) and not isinstance(step, bool) and step >= 0)
 
 
 _V1_KEYS = {"type", "size", "hash", "serializer"}

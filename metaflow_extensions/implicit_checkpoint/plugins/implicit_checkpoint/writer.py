@@ -15,6 +15,7 @@ grows with the number of objects, not with their bytes. ``commit`` then runs, in
 from __future__ import annotations
 
 import json
+import numbers
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Optional
@@ -46,6 +47,7 @@ class Capture:
     graph: Graph
     started: float
     resumed_from: Optional[str] = None
+    step: Optional[int] = None
 
     @property
     def key(self) -> str:
@@ -65,7 +67,7 @@ class Capture:
             implicit_manifest=manifest, size=self.size,
             parent=self.parent, url=url, latest=self.latest, namespace=self.namespace,
             written=written, save_seconds=round(time.perf_counter() - self.started, 6),
-            resumed_from=self.resumed_from,
+            resumed_from=self.resumed_from, step=self.step,
         )
 
 
@@ -82,15 +84,17 @@ def capture(
     where: str = "the step",
     resumed_from: Optional[str] = None,
     runs: Optional[Segments] = None,
+    step: Optional[int] = None,
 ) -> Capture:
     """Validate and serialize; raises before anything is written."""
     started = time.perf_counter()
     check_name(name, where)
+    step = check_step(step, where)
     metadata = check_metadata(metadata, where)
     graph = encode(state, where, runs)
     checkpoint_id, created_on = new_checkpoint_id(attempt)
     return Capture(loc, attempt, checkpoint_id, created_on, name, metadata, latest, parent,
-                   namespace, graph, started, resumed_from)
+                   namespace, graph, started, resumed_from, step)
 
 
 def commit(store: CheckpointStore, cap: Capture) -> CheckpointArtifact:
@@ -118,6 +122,18 @@ def check_name(name: Any, where: str) -> None:
             f"Invalid checkpoint name {name!r} in {where}: use 1 to {MAX_NAME_LENGTH} "
             "printable characters without '/', '\\' or '..' (for example 'epoch-end')."
         )
+
+
+def check_step(step: Any, where: str, call: str = "save") -> Optional[int]:
+    """``step`` as a plain int (numpy integers too), or ``None``."""
+    if step is None:
+        return None
+    if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
+        raise CheckpointSaveError(
+            f"{call}(step={step!r}) in {where}: step must be a whole number >= 0 (the training "
+            "step or epoch this state is at, e.g. step=self.epoch), or None."
+        )
+    return int(step)
 
 
 def check_metadata(metadata: Optional[dict], where: str) -> dict:
