@@ -188,3 +188,16 @@ def test_a_background_failure_surfaces_at_the_next_call_naming_the_checkpoint(tm
     assert "disk on fire" in str(info.value)
     del store.put_manifest
     assert current._checkpointer.restore(good)["x"] == 1
+
+
+def test_saves_with_different_steps_are_never_superseded(root_url):
+    """save(step=N) asks for each step to be kept: a tight loop of 30 steps writes all 30 (at
+    most eight wait at a time), while a tight loop without steps is batched."""
+    obj = State()
+    current = standalone(obj, root_url, LOC)
+    for i in range(30):
+        obj.i = i
+        current.save(step=i)
+        assert current.pending <= 9  # eight waiting, one being written
+    current.wait()
+    assert sorted(a.step for a in current.list()) == list(range(30))

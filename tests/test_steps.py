@@ -33,7 +33,7 @@ def test_load_by_step_restores_the_newest_save_of_that_step(root_url):
     api = standalone(flow, root_url, LOC)
     for w, step in [(1, 3), (2, 3), (3, 4)]:
         flow.w = w
-        api.save(step=step)
+        api.save(step=step, wait=True)  # two saves of step 3: written, not batched into one
     retry = standalone(types.SimpleNamespace(), root_url, LOC, attempt=1)
     assert retry.load(step=3).step == 3 and retry._ctx.flow.w == 2
     assert [a.step for a in retry.list(step=3)] == [3, 3] and retry.list(step=5) == []
@@ -49,7 +49,7 @@ def test_step_is_validated_before_anything_is_written(root_url):
         with pytest.raises(CheckpointSaveError, match=r"save\(step=.*whole number >= 0"):
             api.save(step=bad)
     assert api.list() == []
-    assert api.save(step=np.int64(7)).step == 7 and type(api.list()[0].step) is int
+    assert api.save(step=np.int64(7), wait=True).step == 7 and type(api.list()[0].step) is int
 
 
 def test_a_missing_step_names_the_steps_that_exist(root_url):
@@ -70,7 +70,7 @@ def test_manifests_without_a_step_read_as_none_and_a_bad_step_is_damage(tmp_path
     """A manifest written before steps existed has no `step` key and reads as step None; one whose
     step is not a whole number >= 0 is malformed."""
     root = str(tmp_path / "ckpt")
-    saved = standalone(types.SimpleNamespace(w=1), root, LOC).save(step=5)
+    saved = standalone(types.SimpleNamespace(w=1), root, LOC).save(step=5, wait=True)
     store = open_store(root)
     data = open(saved.url.removeprefix("file://"), "rb").read()
     for value, expected in [(None, None), ("five", CheckpointCorrupt), (-2, CheckpointCorrupt)]:
@@ -92,7 +92,7 @@ def test_eager_finds_a_step_in_other_runs_of_the_namespace(tmp_path):
     for run, namespace, w in [("1", "user:a", 1), ("2", "user:b", 2)]:
         api = standalone(types.SimpleNamespace(w=w), root, TaskLocation("F", run, "train", "9"))
         api._ctx.namespace = namespace
-        api.save(step=40)
+        api.save(step=40, wait=True)
     checkpointer, here = Checkpointer(open_store(root)), TaskLocation("F", "3", "train", "5")
     found = find_step(checkpointer, here, 40, other_runs=True, namespace="user:a", where="step 'train'")
     assert found.pathspec == "F/1/train/9"

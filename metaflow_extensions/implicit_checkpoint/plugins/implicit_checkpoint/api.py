@@ -148,7 +148,7 @@ class CurrentCheckpoint:
             self._retain([artifact])
             return artifact
         if big:
-            self._batched.supersede(cap.name)  # this newer one goes to a forked writer
+            self._batched.supersede(cap)  # this newer one goes to a forked writer
             cap, store = self._with_written_parent(cap), self._checkpointer.store
             with self._batched.quiet():  # the child inherits no lock the writer thread holds
                 done = self._background.submit(cap.key, lambda: _commit_in_child(store, cap, pin))

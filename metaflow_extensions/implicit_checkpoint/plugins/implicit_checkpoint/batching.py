@@ -3,9 +3,10 @@
 A small save is captured in the step (pickled, its mutable buffers copied: it is small) and
 handed to the writer thread, which commits it (``Checkpointer.commit``) while the step runs on.
 
-Batching: the pending saves hold only the newest save of each name, and the writer commits a
-save of the name it committed last no sooner than ``BATCH_SECONDS`` after it (unless flushed;
-saves of other names go at once). A save that arrives while an older one of the same name still
+Batching: the pending saves hold only the newest save of each name (and step: saves with
+different ``step=`` numbers are all kept, as a user asks for them by step), and the writer
+commits a save of the name it committed last no sooner than ``BATCH_SECONDS`` after it (unless
+flushed; saves of other names go at once). A save that arrives while an older one of the same name still
 waits replaces it: the older one is never written (it is *superseded*; the newer one holds
 everything it held, and takes its parent, so lineage has no gap). So a loop that saves a
 thousand times a second writes about twenty checkpoints a second, each holding the newest
@@ -43,13 +44,13 @@ class BatchedSaves:
         self._commit = commit
         self._batch = batch_seconds
         self._cond = threading.Condition()
-        self._pending: dict[str, Capture] = {}  # name -> newest capture of that name, oldest first
+        self._pending: dict[tuple, Capture] = {}  # (name, step) -> newest capture, oldest first
         self._superseded: dict[str, Optional[str]] = {}  # key never written -> its parent
         self._results: list[dict] = []
         self._busy = False
         self._flushing = 0
         self._last = 0.0
-        self._last_name: Optional[str] = None
+        self._last_slot: Optional[tuple] = None
         self._thread: Optional[threading.Thread] = None
         self._committing = threading.Lock()  # held while a commit runs (see ``quiet``)
 
@@ -63,10 +64,10 @@ class BatchedSaves:
         saves written meanwhile."""
         with self._cond:
             self._start()
-            while cap.name not in self._pending and len(self._pending) >= MAX_WAITING:
+            while _slot(cap) not in self._pending and len(self._pending) >= MAX_WAITING:
                 self._cond.wait()
-            self._drop(cap.name)
-            self._pending[cap.name] = cap
+            self._drop(_slot(cap))
+            self._pending[_slot(cap)] = cap
             self._cond.notify_all()
             return self._take()
 
@@ -77,13 +78,13 @@ class BatchedSaves:
                 key = self._superseded[key]
             return key
 
-    def supersede(self, name: str) -> None:
-        """Drop the pending save named ``name`` (a newer one goes another way)."""
+    def supersede(self, cap: Capture) -> None:
+        """Drop the pending save ``cap`` supersedes (``cap`` goes another way)."""
         with self._cond:
-            self._drop(name)
+            self._drop(_slot(cap))
 
-    def _drop(self, name: str) -> None:
-        older = self._pending.pop(name, None)
+    def _drop(self, slot: tuple) -> None:
+        older = self._pending.pop(slot, None)
         if older is not None:
             self._superseded[older.key] = older.parent
             if len(self._superseded) > 1024:  # only the newest saves' parents are ever asked for
@@ -137,25 +138,29 @@ class BatchedSaves:
         while True:
             with self._cond:
                 while True:
-                    name = self._ready()
-                    if name is not None:
+                    slot = self._ready()
+                    if slot is not None:
                         break
                     left = self._last + self._batch - time.monotonic()
                     self._cond.wait(max(left, 0.001) if self._pending else None)
-                cap = self._pending.pop(name)
-                self._busy, self._last_name = True, name
+                cap = self._pending.pop(slot)
+                self._busy, self._last_slot = True, slot
                 self._cond.notify_all()  # room for a save of another name
             yield cap
 
 
-    def _ready(self) -> Optional[str]:
-        """The name to commit now: the oldest waiting one, unless it is the name committed last
-        less than ``BATCH_SECONDS`` ago (then another name, if any waits)."""
+    def _ready(self) -> Optional[tuple]:
+        """The (name, step) to commit now: the oldest waiting one, unless it is the one committed
+        last less than ``BATCH_SECONDS`` ago (then another, if any waits)."""
         recent = time.monotonic() - self._last < self._batch and not self._flushing
-        for name in self._pending:
-            if not (recent and name == self._last_name):
-                return name
+        for slot in self._pending:
+            if not (recent and slot == self._last_slot):
+                return slot
         return None
+
+
+def _slot(cap: Capture) -> tuple:
+    return cap.name, cap.step
 
 
 def _flush_at_exit(ref: "weakref.ref[BatchedSaves]") -> None:
