@@ -112,7 +112,7 @@ def test_slow_storage_applies_back_pressure_and_bounds_memory(faulty, monkeypatc
         flow.w = np.full(size // 8, float(i))  # a new array each time: old ones live on in writers
         api.save()
         assert api.pending <= 2
-        pids = [os.getpid()] + [c.pid for c in api._background._children]
+        pids = [os.getpid()] + [c.pid for c in api._saver.forked_children]
         peak = max(peak, sum(_pss_kb(p) for p in pids) * 1024)
     api.wait()
     # Each pending writer pins one replaced state (64 MB) plus the interpreter pages it
@@ -147,7 +147,7 @@ good = api.save(wait=True)
 FaultyFileSystem.write_delay = 5.0
 flow.w = np.zeros(1 << 21)
 api.save()
-print(good.key, api._background._children[0].pid, flush=True)
+print(good.key, api._saver.forked_children[0].pid, flush=True)
 os._exit(0)
 """
 

@@ -7,21 +7,19 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Optional
 
 from . import retention
-from .background import BackgroundSaves, raise_failures
-from .batching import BatchedSaves
+from .background import raise_failures
 from .checkpointer import Checkpointer
 from .exceptions import CheckpointError, CheckpointFormatError, CheckpointNotFound
 from .lineage import lineage as follow_lineage
 from .manifest import CheckpointArtifact, TaskLocation, parse_key
 from .recovery import restore_newest_intact
 from .references import Reference, key_in_store, warnings_to_log
+from .saving import Saver
 from .snapshot import select_state
 from .steps import find_step
-from .store import CheckpointStore, open_store
+from .store import open_store
 from .writer import Capture, capture
 
-# Below this many serialized bytes a save is written in the step: that is cheaper than a fork.
-ASYNC_MIN_BYTES = 8 << 20
 
 @dataclass
 class StepContext:
@@ -52,9 +50,7 @@ class CurrentCheckpoint:
     def __init__(self, checkpointer: Checkpointer, ctx: StepContext):
         self._checkpointer = checkpointer
         self._ctx = ctx
-        usable = ctx.async_saves and checkpointer.store.shared_across_processes
-        self._background = BackgroundSaves() if usable and BackgroundSaves.available() else None
-        self._batched = BatchedSaves(checkpointer.commit) if ctx.async_saves else None
+        self._saver = Saver(checkpointer, ctx.async_saves)
         self._where = f"step {ctx.location.step!r} ({ctx.location.pathspec}, attempt {ctx.attempt})"
         self._looked_up = False
         self._resumable: Optional[CheckpointArtifact] = None
@@ -113,7 +109,7 @@ class CurrentCheckpoint:
         """
         self._first_use()
         self._ready_to_save()  # here, not in a child
-        self._settle(self._poll())
+        self._settle(self._saver.poll())
         cap = capture(
             self._ctx.location,
             self._ctx.attempt,
@@ -137,23 +133,15 @@ class CurrentCheckpoint:
         return self._dispatch(cap, wait, pin)
 
     def _dispatch(self, cap: Capture, wait: bool, pin: bool) -> CheckpointArtifact:
-        """Commit ``cap`` now (critical saves; large ones where nothing can fork), or hand it to
-        a forked writer (large) or the writer thread (small)."""
-        big = _copied_bytes(cap) >= ASYNC_MIN_BYTES  # copying it would cost what writing does
-        if self._batched is None or wait or (pin and not big) or (big and self._background is None):
-            self._settle(self._flush())  # a critical save: everything before it first
-            artifact = self._checkpointer.commit(self._with_written_parent(cap), pin)
+        """Commit ``cap`` now (critical), or hand it to a writer (``saving.py``)."""
+        if self._saver.commits_now(cap, wait, pin):
+            self._settle(self._saver.flush())  # everything before it first
+            artifact = self._saver.commit(cap, pin)
             self._parent = artifact.key
             self._ctx.on_saved(artifact)
             self._retain([artifact])
             return artifact
-        if big:
-            self._batched.supersede(cap)  # this newer one goes to a forked writer
-            cap, store = self._with_written_parent(cap), self._checkpointer.store
-            with self._batched.quiet():  # the child inherits no lock the writer thread holds
-                done = self._background.submit(cap.key, lambda: _commit_in_child(store, cap, pin))
-        else:
-            done = self._batched.submit(_with_own_buffers(cap))
+        done = self._saver.submit(cap, pin)
         self._parent = cap.key
         self._settle(done)
         pending = cap.artifact(url=self._checkpointer.store.manifest_url(cap.loc, cap.checkpoint_id))
@@ -162,21 +150,7 @@ class CurrentCheckpoint:
     def wait(self) -> list[CheckpointArtifact]:
         """Block until every pending save is durable; return them as stored, oldest first.
         Raises if any of them failed."""
-        return self._settle(self._flush())
-
-    def _with_written_parent(self, cap: Capture) -> Capture:
-        """``cap`` with the nearest ancestor that was written (a superseded save never is)."""
-        if self._batched is None:
-            return cap
-        return replace(cap, parent=self._batched.parent_of(cap.parent))
-
-    def _poll(self) -> list[dict]:
-        return [*(self._batched.poll() if self._batched else []),
-                *(self._background.poll() if self._background else [])]
-
-    def _flush(self) -> list[dict]:
-        return [*(self._batched.wait() if self._batched else []),
-                *(self._background.wait() if self._background else [])]
+        return self._settle(self._saver.flush())
 
     def _settle(self, results: list[dict]) -> list[CheckpointArtifact]:
         done = []
@@ -251,7 +225,7 @@ class CurrentCheckpoint:
             from .client import Checkpoint
 
             return Checkpoint().list(task=task, name=name, attempt=attempt, step=step)
-        self._settle(self._poll())
+        self._settle(self._saver.poll())
         with warnings_to_log():
             return self._checkpointer.list(self._ctx.location, name=name, attempt=attempt, step=step)
 
@@ -272,7 +246,7 @@ class CurrentCheckpoint:
         except CheckpointNotFound:
             if not self.pending:
                 raise
-        self._settle(self._flush())
+        self._settle(self._saver.flush())
         return read()
 
     def _by_step(self, reference: Optional[Reference], step: int) -> CheckpointArtifact:
@@ -324,7 +298,7 @@ class CurrentCheckpoint:
     @property
     def pending(self) -> int:
         """How many saves are still to be written in the background."""
-        return (self._batched.pending if self._batched else 0) + (self._background.pending if self._background else 0)
+        return self._saver.pending
 
     def __repr__(self) -> str:
         return f"<current.checkpoint of {self._ctx.location.pathspec} attempt {self._ctx.attempt}>"
@@ -353,22 +327,3 @@ def standalone(
         on_loaded=lambda artifact: None, async_saves=async_saves, keep=retention.parse_keep(keep),
     )
     return CurrentCheckpoint(Checkpointer(open_store(root)), ctx)
-
-
-def _copied_bytes(cap: Capture) -> int:
-    """What queuing ``cap`` copies: its stream and the buffers the step may still change
-    (bytes objects, such as the runs of long lists, cannot change)."""
-    return len(cap.graph.body) + sum(b.nbytes for b in cap.graph.buffers if not isinstance(b.obj, bytes))
-
-
-def _with_own_buffers(cap: Capture) -> Capture:
-    """``cap`` holding copies of the buffers the step may change after ``save()`` returns."""
-    own = tuple(b if isinstance(b.obj, bytes) else memoryview(bytes(b)) for b in cap.graph.buffers)
-    return replace(cap, graph=replace(cap.graph, buffers=own))
-
-
-def _commit_in_child(store: CheckpointStore, cap: Capture, pin: bool) -> dict:
-    """A background commit, and what the child learnt of stored payloads (``store.known()``),
-    so the step goes on reusing them while they are young enough (store.py)."""
-    child = Checkpointer(store.reopened())
-    return {"artifact": child.commit(cap, pin).to_dict(), "known": child.store.known()}

@@ -16,7 +16,7 @@ from .checkpointer import Checkpointer
 from .display import CheckpointList
 from .exceptions import CheckpointFormatError, CheckpointNotFound
 from .lineage import lineage as follow_lineage
-from .manifest import TaskLocation, parse_key
+from .manifest import CheckpointArtifact, TaskLocation, parse_key
 from .steps import find_step
 from .store import open_store
 
