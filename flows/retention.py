@@ -33,7 +33,9 @@ class RetentionFlow(FlowSpec):
             self.w = self.w * 0.99 + 0.01  # every epoch changes the weights: a new payload
             self.epoch += 1
             val_loss = round(abs(self.epoch - 18.4) / 10 + 0.1, 3)  # best at 18, then overfits
-            current.checkpoint.save(metadata={"loss": val_loss, "epoch": self.epoch}, pin=self.epoch == 10)
+            # wait=True: this loop's epochs take microseconds, and saves that close together are
+            # batched (the newest written); in a real loop save() alone writes every epoch's.
+            current.checkpoint.save(metadata={"loss": val_loss, "epoch": self.epoch}, pin=self.epoch == 10, wait=True)
             if current.retry_count == 0 and self.epoch == self.crash_at:
                 print(f"attempt 0: killed at epoch {self.epoch}")
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -57,6 +57,7 @@ class ParallelTrainFlow(FlowSpec):
             loss = float(np.mean((X @ self.w - y) ** 2))
             current.checkpoint.save(step=self.epoch, metadata={"loss": loss, "node": self.node})
             if self.node == 1 and current.retry_count == 0 and self.epoch == self.crash_at:
+                current.checkpoint.wait()  # the crash strikes once this epoch's save is durable
                 print(f"node 1: killed at epoch {self.epoch}")
                 os.kill(os.getpid(), signal.SIGKILL)
         self.next(self.join)

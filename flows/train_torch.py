@@ -75,6 +75,7 @@ class TorchTrainFlow(FlowSpec):
             self.torch_rng = torch.get_rng_state()  # dropout's random state
             current.checkpoint.save(metadata={"loss": self.losses[-1], "epoch": self.epoch})
             if current.retry_count < len(crashes) and self.epoch == crashes[current.retry_count]:
+                current.checkpoint.wait()  # the crash strikes once this epoch's save is durable
                 print(f"attempt {current.retry_count}: killed at epoch {self.epoch}")
                 os.kill(os.getpid(), signal.SIGKILL)
         # Plain tensors, readable in any process (the model's class lives in this file).

@@ -19,6 +19,7 @@ class CardFailFlow(FlowSpec):
             current.checkpoint.save(
                 name="<img src=x onerror=alert(1)>",
                 metadata={"note": "<script>alert(1)</script>", "loss": 1 / self.epoch},
+                wait=True,  # both written (saves this close together would be batched)
             )
         raise RuntimeError(f"attempt {current.retry_count} gives up")
         self.next(self.end)  # never reached

@@ -26,7 +26,8 @@ class Fanout8Flow(FlowSpec):
             self.i += 1
             self.trail.append([self.shard, self.i, current.retry_count])
             self.w = np.full(1000, self.shard * 100.0 + self.i)
-            current.checkpoint.save(metadata={"shard": self.shard, "i": self.i})
+            # wait=True: every save durable (saves milliseconds apart would be batched)
+            current.checkpoint.save(metadata={"shard": self.shard, "i": self.i}, wait=True)
             if self.shard % 2 and self.i == 3 and current.retry_count == 0:
                 os.kill(os.getpid(), signal.SIGKILL)
         del self.shared
