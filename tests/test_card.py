@@ -211,14 +211,16 @@ def test_templates_ship_in_the_wheel_and_in_metaflows_code_package(tmp_path, run
 
 
 def test_eager_resume_card_shows_lineage_from_the_failed_run(run_flow):
-    """After `resume`, the new task's card lists its own 8 checkpoints and the lineage of the
-    one it loaded: 12 checkpoints saved by the failed run's task, named as such."""
+    """After `resume`, the new task's card lists its own checkpoints (items 13 to 20; saves
+    milliseconds apart are batched, the last one always written) and the lineage of the one it
+    loaded: the checkpoints saved by the failed run's task, named as such."""
     failed = run_flow(FLOWS / "resume_eager.py", "run", env={"FAIL_AT": "12"}, expect_ok=False)
     resumed = run_flow(FLOWS / "resume_eager.py", "resume")
     old_task = Run(f"ResumeFlow/{failed.run_id}")["process"].task
     html = card_html(run_flow, FLOWS / "resume_eager.py", f"{resumed.run_id}/process")
     tables = CardTables(html)
-    assert [r["cells"][8] for r in tables.rows("checkpoints")] == [f"done={n}" for n in range(13, 21)]
+    done = [int(r["cells"][8].removeprefix("done=")) for r in tables.rows("checkpoints")]
+    assert done == sorted(done) and 13 <= done[0] and done[-1] == 20
     lineage = tables.rows("lineage")
     assert [r["data-key"] for r in lineage] == [c.key for c in reversed(Checkpoint().list(task=old_task))]
     assert {r["cells"][4] for r in lineage} == {old_task.pathspec}
@@ -238,4 +240,4 @@ def test_a_render_for_an_earlier_attempt_is_refused(demo):
         with pytest.raises(StaleCardRender, match="is at attempt 2; not rendering attempt 1's card"):
             render(task, {})
     current = ImplicitCheckpointCard(options={**options, "attempt": 2})
-    assert len(CardTables(current.render_runtime(task, {})).rows("checkpoints")) == 24
+    assert len(CardTables(current.render_runtime(task, {})).rows("checkpoints")) == len(Checkpoint().list(task=task))

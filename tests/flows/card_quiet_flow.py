@@ -41,12 +41,12 @@ class CardQuietFlow(FlowSpec):
         if current.retry_count == 0:
             for i in range(3):
                 self.i = i
-                current.checkpoint.save()
+                current.checkpoint.save(name=f"early-{i}")  # names apart: none supersedes another
             raise RuntimeError("attempt 0 is lost")
         self.attempt_shown_after = seconds_until((1, 3, 3, 3))
         for i in range(3, 6):
             self.i = i
-            current.checkpoint.save()
+            current.checkpoint.save(name=f"late-{i}")  # written by the writer thread meanwhile
         self.last_save_shown_after = seconds_until((1, 6, 3, 6))
         self.next(self.end)
 

@@ -35,7 +35,7 @@ class StepContext:
     namespace: Optional[str]
     on_first_use: Callable[[], None]
     on_loaded: Callable[[CheckpointArtifact], None]
-    on_saved: Callable[[CheckpointArtifact], None] = lambda artifact: None  # after each durable save; cheap
+    on_saved: Callable[[CheckpointArtifact], None] = lambda artifact: None  # after each durable save; cheap, thread-safe
     async_saves: bool = True
     keep: Optional[retention.KeepPolicy] = None
     preempted: Callable[[], bool] = lambda: False  # SIGTERM or a spot notice (preemption.py)
@@ -50,7 +50,7 @@ class CurrentCheckpoint:
     def __init__(self, checkpointer: Checkpointer, ctx: StepContext):
         self._checkpointer = checkpointer
         self._ctx = ctx
-        self._saver = Saver(checkpointer, ctx.async_saves)
+        self._saver = Saver(checkpointer, ctx.async_saves, on_commit=ctx.on_saved)
         self._where = f"step {ctx.location.step!r} ({ctx.location.pathspec}, attempt {ctx.attempt})"
         self._looked_up = False
         self._resumable: Optional[CheckpointArtifact] = None
@@ -161,7 +161,8 @@ class CurrentCheckpoint:
                     artifact = CheckpointArtifact.from_dict(artifact)
                     self._checkpointer.remember(artifact)
                     self._checkpointer.store.remember(result.get("known", {}))
-                self._ctx.on_saved(artifact)
+                if not result.get("announced"):  # the writer thread calls on_saved itself
+                    self._ctx.on_saved(artifact)
                 done.append(artifact)
         if done:
             self._retain(done)

@@ -18,8 +18,10 @@ all are durable. ``save(wait=True)``, ``wait()``, every read in the step and the
 (success or failure) flush. A crash loses the pending saves (at most ``BATCH_SECONDS`` of saves
 of each name, plus the one being written), never a committed one.
 
-Results (the stored checkpoint, or the error) are handed back to the step, which settles them
-(``poll``/``wait``): callbacks, retention and errors all run in the step's own thread.
+Right after each commit the thread calls ``on_commit`` (cheap and thread-safe: the card's
+"refresh soon"), so a checkpoint shows on the live card while the step computes on. Results
+(the stored checkpoint, or the error) are handed back to the step, which settles them
+(``poll``/``wait``): retention and errors run in the step's own thread.
 """
 from __future__ import annotations
 
@@ -40,8 +42,10 @@ MAX_WAITING = 8
 class BatchedSaves:
     """One writer thread for one task's small saves."""
 
-    def __init__(self, commit: Callable[[Capture], CheckpointArtifact], batch_seconds: float = BATCH_SECONDS):
-        self._commit = commit
+    def __init__(self, commit: Callable[[Capture], CheckpointArtifact],
+                 on_commit: Callable[[CheckpointArtifact], None] = lambda artifact: None,
+                 batch_seconds: float = BATCH_SECONDS):
+        self._commit, self._on_commit = commit, on_commit
         self._batch = batch_seconds
         self._cond = threading.Condition()
         self._pending: dict[tuple, Capture] = {}  # (name, step) -> newest capture, oldest first
@@ -126,7 +130,8 @@ class BatchedSaves:
             with self._committing:
                 try:
                     cap = replace(cap, parent=self.parent_of(cap.parent))
-                    result = {"key": cap.key, "ok": True, "artifact": self._commit(cap)}
+                    result = {"key": cap.key, "ok": True, "artifact": self._commit(cap), "announced": True}
+                    self._on_commit(result["artifact"])
                 except BaseException as exc:  # reported in the step, naming the checkpoint
                     result = {"key": cap.key, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
             with self._cond:

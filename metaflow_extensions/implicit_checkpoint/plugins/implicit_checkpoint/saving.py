@@ -14,6 +14,7 @@ that are ``bytes`` (the runs of long lists, big strings: ``segments.py``) cannot
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Callable
 
 from .background import BackgroundSaves
 from .batching import BatchedSaves
@@ -28,11 +29,12 @@ ASYNC_MIN_BYTES = 8 << 20
 class Saver:
     """The writers of one task's saves."""
 
-    def __init__(self, checkpointer: Checkpointer, async_saves: bool):
+    def __init__(self, checkpointer: Checkpointer, async_saves: bool,
+                 on_commit: Callable[[CheckpointArtifact], None] = lambda artifact: None):
         self.checkpointer = checkpointer
         usable = async_saves and checkpointer.store.shared_across_processes
         self._forked = BackgroundSaves() if usable and BackgroundSaves.available() else None
-        self._batched = BatchedSaves(checkpointer.commit) if async_saves else None
+        self._batched = BatchedSaves(checkpointer.commit, on_commit) if async_saves else None
 
     def commits_now(self, cap: Capture, wait: bool, pin: bool) -> bool:
         big = _copied_bytes(cap) >= ASYNC_MIN_BYTES
