@@ -17,6 +17,7 @@ from .client import LOADED_FIELD, POSITION_FIELD, ROOT_FIELD
 from .manifest import TaskLocation
 from .retention import parse_keep
 from .step_errors import CheckpointStepException
+from .storage_options import datastore_url
 from .store import open_store
 
 LOAD_POLICIES = ("fresh", "eager", "none")
@@ -52,7 +53,7 @@ class CheckpointDecorator(StepDecorator):
         "none": never look up a checkpoint to resume from.
     root : str, optional, default None
         fsspec URL of the checkpoint storage. Default: METAFLOW_IMPLICIT_CHECKPOINT_ROOT,
-        else `mf.implicit_checkpoints` beside Metaflow's datastore root.
+        else `mf.implicit_checkpoints` beside Metaflow's datastore root (local, S3, Azure or GCS).
     async_saves : bool, default True
         Write large saves in the background while the step runs on. False: every `save()`
         returns only when its checkpoint is durable.
@@ -95,7 +96,7 @@ class CheckpointDecorator(StepDecorator):
         if root is not None and (not isinstance(root, str) or not root):
             raise self._error(f"root={root!r} must be a path or an fsspec URL such as 's3://bucket/ckpt'.")
         self._include, self._exclude = include, exclude
-        self._datastore_root = flow_datastore.datastore_root
+        self._datastore_root = datastore_url(flow_datastore.TYPE, flow_datastore.datastore_root)
         self._async_saves = self._flag("async_saves")
         self._card = None
         if self._flag("card"):

@@ -21,7 +21,8 @@ multipart) upload completes. A payload's name is its hash, so a payload that exi
 and never needs rewriting. Payloads up to ``INLINE_MAX`` bytes live inside their manifest
 instead, so a save of small attributes writes one object.
 
-On S3 and memory a manifest is put "create only" (``If-None-Match: *``), so a committed one is
+On S3, Azure Blob, GCS and memory a manifest is put "create only" (``If-None-Match: *``; on
+GCS ``ifGenerationMatch=0``), so a committed one is
 never replaced; a retry finding equal bytes there knows its lost-answer put landed. Payloads are
 put plainly: writers of one hash write the same bytes. Every call is retried through transient
 faults and bounded in time (``retry.py``: a remote call gets ``CALL_SECONDS``, an upload one more
@@ -79,7 +80,8 @@ HASH_NAME = "xxh128"
 INLINE_MAX = 4096
 _LOCAL_PROTOCOLS = {"file", "local"}
 _PROCESS_LOCAL = {"memory"}
-_CREATE_ONLY_PROTOCOLS = {"s3", "s3a", "memory"}  # an atomic put-if-absent is implemented
+# An atomic put-if-absent is implemented (S3 and Azure: If-None-Match: *; GCS: ifGenerationMatch=0)
+_CREATE_ONLY_PROTOCOLS = {"s3", "s3a", "memory", "az", "abfs", "abfss", "gs", "gcs"}
 _DIGEST_RE = re.compile(r"[0-9a-f]{32}(?:[0-9a-f]{32})?")  # xxh3-128 or sha256, hex
 EMPTY_DIGEST = xxhash.xxh3_128(b"").hexdigest()
 NOT_SAVED = " This checkpoint was not saved; earlier checkpoints are untouched."
