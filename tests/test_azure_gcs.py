@@ -21,9 +21,9 @@ from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store i
 
 LOC = TaskLocation("TrainFlow", "17", "train", "4")
 # backend -> (Metaflow's --datastore, the fixture starting its emulator, the URL scheme)
-BACKENDS = {"azure": ("azure", "azurite", "az"), "gcs": ("gs", "gcs_server", "gs")}
+BACKENDS = {"azure": ("azure", "azurite", "abfs"), "gcs": ("gs", "gcs_server", "gs")}
 ROOTS = {
-    "azure": f"az://{BUCKET}/metaflow/mf.implicit_checkpoints",
+    "azure": f"abfs://{BUCKET}/metaflow/mf.implicit_checkpoints",
     "gcs": f"gs://{BUCKET}/metaflow/mf.implicit_checkpoints",
 }
 
@@ -126,3 +126,22 @@ def test_training_survives_two_sigkills_with_checkpoints_beside_the_datastore(ru
     assert all(c.url.startswith(f"{ROOTS[name]}/TrainFlow/steps/train/root/{result.run_id}/") for c in checkpoints)
     assert task.metadata_dict["implicit-checkpoint-root"] == ROOTS[name]
     np.testing.assert_array_equal(Checkpoint().load(checkpoints[0])["w"], run.data.w)
+
+
+def test_azure_and_gcs_faults_are_classified_like_s3s():
+    """The errors adlfs and gcsfs raise for 5xx and throttling are retried, 4xx are not, and
+    azure-core's connection failures are retried (what retry.py decides from)."""
+    from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
+    from gcsfs.retry import HttpError
+
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.retry import is_transient
+
+    def azure(status):
+        error = HttpResponseError(message=f"status {status}")
+        error.status_code = status  # as azure-core sets it from the response
+        return error
+
+    assert all(is_transient(e) for e in (azure(503), azure(500), azure(429), HttpError({"code": 503, "message": "busy"}),
+                                         HttpError({"code": 429, "message": "slow"}), ServiceRequestError("refused"),
+                                         ServiceResponseError("reset")))
+    assert not any(is_transient(e) for e in (azure(403), azure(404), HttpError({"code": 403, "message": "denied"})))

@@ -38,7 +38,7 @@ def datastore_url(datastore_type: str, datastore_root: str) -> str:
     """Metaflow's datastore root as an fsspec URL: Metaflow writes an Azure root as
     ``<container>/<prefix>``, with no scheme; S3 and GCS roots are URLs already."""
     if datastore_type == "azure" and "://" not in datastore_root:
-        return f"az://{datastore_root}"
+        return f"abfs://{datastore_root}"  # adlfs names its URLs abfs://
     return datastore_root
 
 

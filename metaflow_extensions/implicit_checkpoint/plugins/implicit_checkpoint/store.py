@@ -118,8 +118,9 @@ class CheckpointStore:
         except (ImportError, ValueError) as exc:
             raise CheckpointConfigError(
                 f"Cannot open checkpoint storage {url!r}: {exc}. Use a local path or an "
-                "fsspec URL whose filesystem is installed (for s3://, "
-                "pip install 'metaflow-implicit-checkpoint[s3]')."
+                "fsspec URL whose filesystem is installed (pip install "
+                "'metaflow-implicit-checkpoint[s3]' for s3://, [azure] for abfs:// and az://, "
+                "[gcs] for gs://)."
             ) from exc
         self.url = url.rstrip("/")
         protocol = self.fs.protocol
