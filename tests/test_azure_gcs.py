@@ -3,6 +3,7 @@ Metaflow's own settings (see emulators.py): one backend-agnostic set run against
 flows with `--datastore azure` and `--datastore gs`."""
 from __future__ import annotations
 
+import re
 import uuid
 
 import numpy as np
@@ -126,6 +127,9 @@ def test_training_survives_two_sigkills_with_checkpoints_beside_the_datastore(ru
     assert all(c.url.startswith(f"{ROOTS[name]}/TrainFlow/steps/train/root/{result.run_id}/") for c in checkpoints)
     assert task.metadata_dict["implicit-checkpoint-root"] == ROOTS[name]
     np.testing.assert_array_equal(Checkpoint().load(checkpoints[0])["w"], run.data.w)
+    # The `checkpoint` command finds the same root from the flow's --datastore.
+    gc = run_on(FLOWS / "train_numpy.py", "--datastore", datastore, "checkpoint", "gc", "--dry-run")
+    assert f"Listing {ROOTS[name]}/TrainFlow ..." in gc.output and re.search(r"checkpoints +24 ", gc.output), gc.output
 
 
 def test_azure_and_gcs_faults_are_classified_like_s3s():
