@@ -149,3 +149,23 @@ def test_azure_and_gcs_faults_are_classified_like_s3s():
                                          HttpError({"code": 429, "message": "slow"}), ServiceRequestError("refused"),
                                          ServiceResponseError("reset")))
     assert not any(is_transient(e) for e in (azure(403), azure(404), HttpError({"code": 403, "message": "denied"})))
+
+
+def test_a_background_save_commits_from_its_forked_child(backend):
+    """A large save is written by a forked child (its own client, made after the fork) and is
+    listed and loadable once wait() returns; the next attempt resumes from it."""
+    import types
+
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.api import ASYNC_MIN_BYTES, standalone
+
+    root = f"{BACKENDS[backend][2]}://{BUCKET}/ckpt-{uuid.uuid4().hex}"
+    flow = types.SimpleNamespace(w=np.arange(ASYNC_MIN_BYTES // 8 + 1, dtype=np.float64), epoch=3)
+    api = standalone(flow, root, LOC, 0, async_saves=True)
+    pending = api.save()
+    flow.w[:] = -1  # the child saw the state as it was at save()
+    (done,) = api.wait()
+    assert not pending.written and done.written >= ASYNC_MIN_BYTES  # written by the child
+    assert done.key == pending.key and [a.key for a in api.list()] == [done.key]
+    resumed = types.SimpleNamespace()
+    assert standalone(resumed, root, LOC, 1).load() is not None
+    assert resumed.epoch == 3 and resumed.w[-1] == ASYNC_MIN_BYTES // 8

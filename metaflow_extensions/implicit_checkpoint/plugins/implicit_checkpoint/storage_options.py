@@ -28,9 +28,9 @@ from .retry import RetryPolicy
 S3_PROTOCOLS = ("s3", "s3a")
 AZURE_PROTOCOLS = ("az", "abfs", "abfss")
 GCS_PROTOCOLS = ("gs", "gcs")
-GCS_SCOPES = ("https://www.googleapis.com/auth/devstorage.full_control",)  # what Metaflow asks for
-# Our retry.RetryPolicy is the one retry layer: a dead endpoint is given up on after 10 s per
-# try, a silent one after 20 s without a byte (store.py also bounds each call).
+GCS_SCOPES = ("https://www.googleapis.com/auth/devstorage.full_control",)  # among what Metaflow asks for
+# As for S3: a dead endpoint is given up on after 10 s per try, a silent one after 20 s without
+# a byte. adlfs and gcsfs keep their clients' own retries (no switch); store.py bounds each call.
 _TIMEOUTS = {"connect": 10, "read": 20}
 
 

@@ -177,7 +177,8 @@ class CheckpointStore:
         and read back its mtime."""
         path = self._object_path(flow, EMPTY_DIGEST)
         where = f"Cannot write checkpoints under {self.url}"
-        hint = " Check the root URL, the credentials and, for S3, the endpoint (METAFLOW_S3_ENDPOINT_URL)."
+        hint = (" Check the root URL, the credentials and the endpoint (METAFLOW_S3_ENDPOINT_URL for S3, "
+                "METAFLOW_AZURE_STORAGE_BLOB_SERVICE_ENDPOINT for Azure).")
         before = time.time()
         self._io(where, lambda: self._write_whole(path, [b""]), hint)
         written = mtime_of(self._io(where, lambda: self.fs.info(path), hint))
