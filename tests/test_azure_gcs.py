@@ -56,6 +56,26 @@ def test_the_default_root_is_beside_metaflows_datastore(name):
     assert storage_root(None, datastore_url(datastore.TYPE, configured)) == ROOTS[name]
 
 
+@pytest.mark.parametrize("endpoint, account, host", [
+    ("https://acct.blob.core.windows.net/", "acct", "acct.blob.core.windows.net"),
+    ("https://127.0.0.1:10000/devstoreaccount1", "devstoreaccount1", "127.0.0.1:10000/devstoreaccount1"),
+])
+def test_azure_options_come_from_metaflows_endpoint_and_credential_provider(monkeypatch, endpoint, account, host):
+    """Metaflow's blob endpoint names the account (in the host, or in the path for an emulator)
+    and Metaflow's client provider makes the credential; adlfs's own connection string, if
+    set, is left to adlfs."""
+    from metaflow import metaflow_config
+
+    from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.storage_options import storage_options
+
+    monkeypatch.setattr(metaflow_config, "AZURE_STORAGE_BLOB_SERVICE_ENDPOINT", endpoint)
+    options = storage_options("az://container/prefix")
+    assert (options["account_name"], options["account_host"]) == (account, host)
+    assert type(options["credential"]).__name__ == "AzuriteToken"  # the configured provider's
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", "UseDevelopmentStorage=true")
+    assert "credential" not in storage_options("abfs://container/prefix")
+
+
 def test_save_list_and_load_round_trip(cp):
     """Saves are listed newest first and load back equal, arrays included; an unchanged array
     is not written again."""
