@@ -14,6 +14,7 @@ one skips the test, or fails it when ``CI=true``.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import shutil
@@ -42,6 +43,7 @@ def _free_port() -> int:
 
 AZURITE_PORT, GCS_PORT = _free_port(), _free_port()
 CERT_DIR = Path(tempfile.mkdtemp(prefix="mfic-azurite-"))
+atexit.register(shutil.rmtree, CERT_DIR, ignore_errors=True)
 EMULATOR_ENV = {
     "METAFLOW_AZURE_STORAGE_BLOB_SERVICE_ENDPOINT": f"https://127.0.0.1:{AZURITE_PORT}/devstoreaccount1",
     "METAFLOW_DATASTORE_SYSROOT_AZURE": f"{BUCKET}/metaflow",
