@@ -11,7 +11,7 @@ import pytest
 from metaflow import Checkpoint, Run
 
 from conftest import FLOWS
-from emulators import BUCKET
+from emulators import BUCKET, _free_port
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint import gc, marks
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.checkpointer import Checkpointer
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.decorator import storage_root
@@ -189,3 +189,35 @@ def test_a_background_save_commits_from_its_forked_child(backend):
     resumed = types.SimpleNamespace()
     assert standalone(resumed, root, LOC, 1).load() is not None
     assert resumed.epoch == 3 and resumed.w[-1] == ASYNC_MIN_BYTES // 8
+
+
+NO_CREDENTIALS = """
+from metaflow import FlowSpec, checkpoint, current, step
+
+class NoCredentialsFlow(FlowSpec):
+    @checkpoint
+    @step
+    def start(self):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+if __name__ == "__main__":
+    NoCredentialsFlow()
+"""
+
+
+def test_missing_gcp_credentials_fail_the_task_naming_the_root_and_the_fix(run_on, write_flow, tmp_path):
+    """Metaflow's default GCP provider finds no credentials (no ADC file, no metadata server):
+    the step fails as it starts, in Metaflow's words, naming the step, the root and what to do."""
+    root = f"gs://{BUCKET}/no-credentials"
+    dead = f"127.0.0.1:{_free_port()}"
+    env = {"METAFLOW_DEFAULT_GCP_CLIENT_PROVIDER": "gcp-default", "METAFLOW_IMPLICIT_CHECKPOINT_ROOT": root,
+           "CLOUDSDK_CONFIG": str(tmp_path), "GCE_METADATA_HOST": dead, "GCE_METADATA_IP": dead}
+    result = run_on(write_flow(NO_CREDENTIALS), "run", env=env, expect_ok=False)
+    assert f"@checkpoint on step start: Cannot reach checkpoint storage {root}: Metaflow's GCP credentials failed" in result.output
+    assert "gcloud auth application-default login" in result.output
+    assert "Invalid @checkpoint:" in result.output  # Metaflow's own format for a MetaflowException
+    assert "Traceback" not in result.output and "Internal error" not in result.output

@@ -137,7 +137,11 @@ class CheckpointDecorator(StepDecorator):
             async_saves=self._async_saves,
             keep=self._keep,
         )
-        self._api = CurrentCheckpoint(Checkpointer(open_store(url)), ctx)
+        try:
+            store = open_store(url)  # on GCS this finds the credentials
+        except CheckpointError as exc:
+            raise self._error(str(exc)) from None
+        self._api = CurrentCheckpoint(Checkpointer(store), ctx)
         current._update_env({"checkpoint": self._api})
 
     def task_decorate(self, step_func, flow, graph, retry_count, max_user_code_retries, ubf_context):
@@ -159,6 +163,8 @@ class CheckpointDecorator(StepDecorator):
         # this hook fails too: its error then hides ours. Say ours here when that will happen:
         # a background save failed (this attempt is over), or an attribute could not be
         # pickled (it is still on self, and Metaflow pickles every attribute).
+        if getattr(self, "_api", None) is None:
+            return  # a task_pre_step failed (ours, opening the store, or another one's): nothing to wait for
         try:
             self._api.wait()
         except CheckpointError as failed:
