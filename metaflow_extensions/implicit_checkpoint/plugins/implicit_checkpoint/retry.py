@@ -42,6 +42,8 @@ _TRANSIENT_NAMES = {
     "ClientPayloadError",
     "ServerDisconnectedError",
     "ClientConnectionError",
+    "ServiceRequestError",  # azure-core: the request never reached the service
+    "ServiceResponseError",  # azure-core: the connection broke before an answer
 }
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
@@ -64,6 +66,11 @@ def _http_status(exc: Optional[BaseException]) -> Optional[int]:
     response = getattr(exc, "response", None)  # botocore's ClientError
     if isinstance(response, dict):
         return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    # azure-core's HttpResponseError has status_code, gcsfs's HttpError code
+    for name in ("status_code", "code"):
+        status = getattr(exc, name, None)
+        if isinstance(status, int) and 100 <= status < 600:
+            return status
     return None
 
 

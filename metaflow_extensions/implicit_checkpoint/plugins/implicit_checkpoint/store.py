@@ -21,7 +21,8 @@ multipart) upload completes. A payload's name is its hash, so a payload that exi
 and never needs rewriting. Payloads up to ``INLINE_MAX`` bytes live inside their manifest
 instead, so a save of small attributes writes one object.
 
-On S3 and memory a manifest is put "create only" (``If-None-Match: *``), so a committed one is
+On S3, Azure Blob, GCS and memory a manifest is put "create only" (``If-None-Match: *``; on
+GCS ``ifGenerationMatch=0``), so a committed one is
 never replaced; a retry finding equal bytes there knows its lost-answer put landed. Payloads are
 put plainly: writers of one hash write the same bytes. Every call is retried through transient
 faults and bounded in time (``retry.py``: a remote call gets ``CALL_SECONDS``, an upload one more
@@ -79,7 +80,8 @@ HASH_NAME = "xxh128"
 INLINE_MAX = 4096
 _LOCAL_PROTOCOLS = {"file", "local"}
 _PROCESS_LOCAL = {"memory"}
-_CREATE_ONLY_PROTOCOLS = {"s3", "s3a", "memory"}  # an atomic put-if-absent is implemented
+# An atomic put-if-absent is implemented (S3 and Azure: If-None-Match: *; GCS: ifGenerationMatch=0)
+_CREATE_ONLY_PROTOCOLS = {"s3", "s3a", "memory", "az", "abfs", "abfss", "gs", "gcs"}
 _DIGEST_RE = re.compile(r"[0-9a-f]{32}(?:[0-9a-f]{32})?")  # xxh3-128 or sha256, hex
 EMPTY_DIGEST = xxhash.xxh3_128(b"").hexdigest()
 NOT_SAVED = " This checkpoint was not saved; earlier checkpoints are untouched."
@@ -116,8 +118,9 @@ class CheckpointStore:
         except (ImportError, ValueError) as exc:
             raise CheckpointConfigError(
                 f"Cannot open checkpoint storage {url!r}: {exc}. Use a local path or an "
-                "fsspec URL whose filesystem is installed (for s3://, "
-                "pip install 'metaflow-implicit-checkpoint[s3]')."
+                "fsspec URL whose filesystem is installed (pip install "
+                "'metaflow-implicit-checkpoint[s3]' for s3://, [azure] for abfs:// and az://, "
+                "[gcs] for gs://)."
             ) from exc
         self.url = url.rstrip("/")
         protocol = self.fs.protocol
@@ -174,7 +177,8 @@ class CheckpointStore:
         and read back its mtime."""
         path = self._object_path(flow, EMPTY_DIGEST)
         where = f"Cannot write checkpoints under {self.url}"
-        hint = " Check the root URL, the credentials and, for S3, the endpoint (METAFLOW_S3_ENDPOINT_URL)."
+        hint = (" Check the root URL, the credentials and the endpoint (METAFLOW_S3_ENDPOINT_URL for S3, "
+                "METAFLOW_AZURE_STORAGE_BLOB_SERVICE_ENDPOINT for Azure).")
         before = time.time()
         self._io(where, lambda: self._write_whole(path, [b""]), hint)
         written = mtime_of(self._io(where, lambda: self.fs.info(path), hint))
