@@ -76,7 +76,7 @@ def one_float(root: str) -> float:
 
 def string_append(root: str) -> float:
     rng = random.Random(11)
-    flow = types.SimpleNamespace(transcript=rng.randbytes(10 << 20).hex())
+    flow = types.SimpleNamespace(transcript=rng.randbytes((10 << 20) + 4321).hex())  # 20 MiB, not chunk-aligned
     api = standalone(flow, root)
     api.save(wait=True)
     flow.transcript += rng.randbytes(512).hex()

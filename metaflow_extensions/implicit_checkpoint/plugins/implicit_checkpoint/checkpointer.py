@@ -95,7 +95,7 @@ class Checkpointer:
             raise CheckpointFormatError(
                 f"Checkpoint {artifact.key} was written in format {manifest.get('version')!r} "
                 f"({manifest.get('serializer', 'cloudpickle5')}) by an older metaflow-implicit-checkpoint; "
-                f"this version loads formats {LOADABLE_VERSIONS} only (it still lists, inspects and "
+                f"this version loads formats {' and '.join(map(str, LOADABLE_VERSIONS))} only (it still lists, inspects and "
                 "garbage-collects it). Load it with the version that wrote it "
                 "(pip install 'metaflow-implicit-checkpoint<0.2'), or start afresh."
             )

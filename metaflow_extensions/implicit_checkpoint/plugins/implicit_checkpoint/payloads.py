@@ -41,40 +41,35 @@ CHUNK = 2 << 20
 
 def write(store: CheckpointStore, flow: str, parts: Sequence) -> tuple[dict, dict, int]:
     """Store the chunks of the payloads ``parts`` (the stream, then each buffer) that are new:
-    returns the manifest's payload list, the inline payloads and the bytes written. A thread
-    hashes the chunks ahead of the writes (both release the GIL)."""
-    algorithm, inline, listed = store.hash_name, {}, []
-    views = [memoryview(part).cast("B") for part in parts]
-    chunks = [[v[i:i + CHUNK] for i in range(0, v.nbytes, CHUNK)] if v.nbytes > INLINE_MAX else [v] for v in views]
-    with ThreadPoolExecutor(max_workers=1) as hashing:
-        digests = hashing.map(lambda chunk: content_hash([chunk], algorithm), [c for cs in chunks for c in cs])
-        objects, written = {}, 0
-        for view, pieces in zip(views, chunks):
-            listed.append([[next(digests), piece.nbytes] for piece in pieces])
+    returns the manifest's payload list, the inline payloads and the bytes written. This thread
+    hashes chunk after chunk while writer threads (one on a local disk, eight on remote stores)
+    write those hashed before: a write releases the GIL for its whole system call."""
+    algorithm, inline, listed, seen = store.hash_name, {}, [], set()
+    with ThreadPoolExecutor(max_workers=1 if store.is_local else 8) as writers:
+        puts = []
+        for part in parts:
+            view = memoryview(part).cast("B")
             if view.nbytes <= INLINE_MAX:
-                inline[listed[-1][0][0]] = base64.b64encode(view).decode()
+                digest = content_hash([view], algorithm)
+                inline[digest] = base64.b64encode(view).decode()
+                listed.append([[digest, view.nbytes]])
                 continue
-            for (digest, _), piece in zip(listed[-1], pieces):
-                if digest not in objects:  # a chunk twice in one save is written once
-                    objects[digest] = piece
-                    if store.is_local:  # written as soon as hashed; remote ones together below
-                        written += store.put_object(flow, digest, [piece])
-    if not store.is_local:
-        written = sum(_put_all(store, flow, list(objects.items())))
+            listed.append([])
+            for i in range(0, view.nbytes, CHUNK):
+                piece = view[i:i + CHUNK]
+                digest = content_hash([piece], algorithm)
+                listed[-1].append([digest, piece.nbytes])
+                if digest not in seen:  # a chunk twice in one save is written once
+                    seen.add(digest)
+                    puts.append(writers.submit(store.put_object, flow, digest, [piece]))
+        written = sum(put.result() for put in puts)
     return {"hash": algorithm, "body": listed[0], "buffers": listed[1:]}, inline, written
-
-
-def _put_all(store: CheckpointStore, flow: str, objects: list) -> list[int]:
-    """Write chunks to a remote store a few at a time: each request waits on the network."""
-    if len(objects) < 2:
-        return [store.put_object(flow, digest, [part]) for digest, part in objects]
-    with ThreadPoolExecutor(max_workers=min(8, len(objects))) as pool:
-        return list(pool.map(lambda item: store.put_object(flow, item[0], [item[1]]), objects))
 
 
 def read(store: CheckpointStore, artifact: CheckpointArtifact, inline: dict, needed: set) -> tuple[Any, list]:
     """The verified stream and buffers of a checkpoint (never-touched stand-ins for the
-    buffers not ``needed``), chunks read concurrently from remote stores."""
+    buffers not ``needed``). Reader threads (one on a local disk, eight on remote stores) read
+    each chunk into its place while this thread checks the hashes of those already read."""
     m = artifact.implicit_manifest
     algorithm = m.get("hash")
     if algorithm not in HASHES:
@@ -88,66 +83,45 @@ def read(store: CheckpointStore, artifact: CheckpointArtifact, inline: dict, nee
         for digest, size in chunks:
             jobs.append((digest, size, view[offset:offset + size]))
             offset += size
-    with ThreadPoolExecutor(max_workers=1) as hashing:  # hashes chunk i while i+1 is read
-        one = lambda job: _read_one(store, artifact, inline, algorithm, hashing, *job)
-        if store.is_local or len(jobs) < 2:
-            list(map(one, jobs))
-        else:
-            with ThreadPoolExecutor(max_workers=min(8, len(jobs))) as pool:
-                list(pool.map(one, jobs))
+    with ThreadPoolExecutor(max_workers=1 if store.is_local else 8) as readers:
+        reads = [readers.submit(_fetch, store, artifact, inline, *job) for job in jobs]
+        try:
+            for (digest, size, view), done in zip(jobs, reads):
+                if not done.result() or content_hash([view], algorithm) != digest:
+                    raise CheckpointCorrupt(
+                        f"{_owner(artifact, digest)} of checkpoint {artifact.key} does not match its hash "
+                        f"{algorithm}:{digest} (or its size): the stored bytes were damaged. Load an "
+                        "earlier checkpoint (see list())."
+                    )
+        finally:
+            for pending in reads:
+                pending.cancel()
     by_index = dict(zip(order, found))
     buffers = [by_index[i] if i in by_index else _new_buffer(sum(s for _, s in chunks_of(p)))
                for i, p in enumerate(m["buffers"])]
     return by_index[-1], buffers
 
 
-def _read_one(store: CheckpointStore, artifact: CheckpointArtifact, inline: dict, algorithm: str,
-              hashing: ThreadPoolExecutor, digest: str, size: int, view: memoryview) -> None:
-    """One chunk, read into its place (``view``, of the size the manifest states), hash verified."""
-    hasher = HASHES[algorithm]()
+def _fetch(store: CheckpointStore, artifact: CheckpointArtifact, inline: dict, digest: str, size: int,
+           view: memoryview) -> bool:
+    """Read one chunk into its place (``view``, of the size the manifest states); False if it
+    is shorter or longer than that."""
     try:
         if digest in inline:
             data = base64.b64decode(inline[digest])
-            ok = len(data) == size
-            if ok:
-                view[:] = data
-                hasher.update(data)
-        else:
-            with store.open_object(artifact.location.flow, digest) as f:
-                ok = _read_verified(f, view, hasher, hashing)
+            if len(data) != size:
+                return False
+            view[:] = data
+            return True
+        with store.open_object(artifact.location.flow, digest) as f:
+            return _read_into(f, view) and not f.read(1)
     except CheckpointNotFound:
         raise CheckpointCorrupt(
             f"{_owner(artifact, digest)} of checkpoint {artifact.key} is missing its payload "
-            f"({algorithm}:{digest}). Load an earlier checkpoint (see list())."
+            f"({artifact.implicit_manifest.get('hash')}:{digest}). Load an earlier checkpoint (see list())."
         ) from None
     except (ValueError, TypeError):  # inline bytes that are not base64
-        ok = False
-    if not ok or hasher.hexdigest() != digest:
-        raise CheckpointCorrupt(
-            f"{_owner(artifact, digest)} of checkpoint {artifact.key} does not match its hash "
-            f"{algorithm}:{digest} (or its size): the stored bytes were damaged. Load an "
-            "earlier checkpoint (see list())."
-        )
-
-
-_READ = 16 << 20
-
-
-def _read_verified(f, view: memoryview, hasher, hashing: ThreadPoolExecutor) -> bool:
-    """Read exactly ``len(view)`` bytes into ``view``, 16 MiB at a time, while the ``hashing``
-    thread hashes the part read before (both release the GIL), so verifying costs no time on
-    top of reading. False if the chunk is shorter or longer than that."""
-    hashed = None
-    for i in range(0, len(view), _READ):
-        part = view[i:i + _READ]
-        if not _read_into(f, part):
-            return False
-        if hashed is not None:
-            hashed.result()
-        hashed = hashing.submit(hasher.update, part)
-    if hashed is not None:
-        hashed.result()
-    return not f.read(1)
+        return False
 
 
 def _owner(artifact: CheckpointArtifact, digest: str) -> str:

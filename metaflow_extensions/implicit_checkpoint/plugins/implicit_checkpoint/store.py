@@ -379,14 +379,18 @@ class CheckpointStore:
                 for part in parts:
                     f.write(part)
             return
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         try:
-            with open(tmp, "wb", buffering=0) as f:  # unbuffered: big views go straight to the OS
+            try:  # unbuffered: big views go straight to the OS
+                f = open(tmp, "wb", buffering=0)
+            except FileNotFoundError:  # its folder is new (or gc removed it): one more syscall
+                os.makedirs(posixpath.dirname(path), exist_ok=True)
+                f = open(tmp, "wb", buffering=0)
+            with f:
                 for part in parts:
                     _write_all(f, part)
             try:
-                self.fs.mv(tmp, path)  # rename: atomic on POSIX
+                os.replace(tmp, path)  # rename: atomic on POSIX
             except FileNotFoundError:
                 if os.path.isdir(posixpath.dirname(path)):
                     raise CheckpointSaveError(
