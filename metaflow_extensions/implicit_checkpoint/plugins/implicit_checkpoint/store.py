@@ -383,14 +383,14 @@ class CheckpointStore:
         try:
             try:  # unbuffered: big views go straight to the OS
                 f = open(tmp, "wb", buffering=0)
-            except FileNotFoundError:  # its folder is new (or gc removed it): one more syscall
-                os.makedirs(posixpath.dirname(path), exist_ok=True)
+            except FileNotFoundError:  # its folder is new (or gc removed it)
+                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
                 f = open(tmp, "wb", buffering=0)
             with f:
                 for part in parts:
                     _write_all(f, part)
             try:
-                os.replace(tmp, path)  # rename: atomic on POSIX
+                self.fs.mv(tmp, path)  # rename: atomic on POSIX
             except FileNotFoundError:
                 if os.path.isdir(posixpath.dirname(path)):
                     raise CheckpointSaveError(
