@@ -174,9 +174,9 @@ def test_bad_metadata_names_the_key(run_flow, write_flow):
 
 def test_a_corrupted_payload_fails_the_load_naming_field_and_checkpoint(run_flow, write_flow, metaflow_home):
     """load() verifies every payload against its hash."""
-    saved = run_flow(flow(write_flow, "self.weights = list(range(5000))\ncurrent.checkpoint.save()"), "run")
+    saved = run_flow(flow(write_flow, "self.weights = [(i,) for i in range(5000)]\ncurrent.checkpoint.save()"), "run")
     (artifact,) = Checkpoint().list(task=Run(f"ErrFlow/{saved.run_id}")["work"].task)
-    digest = artifact.implicit_manifest["body"][0]  # a list lives in the pickle stream
+    digest = artifact.implicit_manifest["body"][0][0]  # a list of tuples lives in the pickle stream
     path = metaflow_home / ".metaflow" / "mf.implicit_checkpoints" / "ErrFlow" / "objects" / digest[:2] / digest
     path.write_bytes(path.read_bytes()[:-3] + b"xyz")
     from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.exceptions import CheckpointCorrupt
@@ -203,11 +203,11 @@ class FallbackFlow(FlowSpec):
     @step
     def start(self):
         if current.retry_count == 0:
-            self.n, self.blob = 1, list(range(3000))  # large enough to be a payload object
-            current.checkpoint.save()
-            self.n, self.blob = 2, list(range(3001))
-            newest = current.checkpoint.save()
-            digest = newest.implicit_manifest["body"][0]
+            self.n, self.blob = 1, [(i,) for i in range(3000)]  # a stream large enough to be an object
+            current.checkpoint.save(wait=True)
+            self.n, self.blob = 2, [(i,) for i in range(3001)]
+            newest = current.checkpoint.save(wait=True)
+            digest = newest.implicit_manifest["body"][0][0]
             path = os.path.join(os.environ["METAFLOW_IMPLICIT_CHECKPOINT_ROOT"], "FallbackFlow", "objects",
                                 digest[:2], digest)
             with open(path, "r+b") as f:  # bit rot in the newest checkpoint's payload

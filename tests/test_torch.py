@@ -95,7 +95,7 @@ def test_partial_load_brings_what_a_field_shares_and_skips_the_rest(cp):
     pair = cp.restore(artifact, fields=["model", "opt"])
     assert pair["opt"].param_groups[0]["params"][0] is next(pair["model"].parameters())
     m = artifact.implicit_manifest
-    for digest, size in m["buffers"]:
+    for digest, size in (chunk for payload in m["buffers"] for chunk in payload):
         if size > 4096:
             cp.store.fs.rm_file(cp.store._object_path(LOC.flow, digest))
     assert cp.restore(artifact, fields=["n"]) == {"n": 5}
