@@ -27,7 +27,7 @@ class SkewFlow(FlowSpec):
         current.checkpoint.load()
         for _ in range(5):
             self.epoch += 1
-            current.checkpoint.save(metadata={"epoch": self.epoch})
+            current.checkpoint.save(metadata={"epoch": self.epoch}, wait=True)  # each epoch written
         if current.retry_count < 2:
             # The next attempt runs 10 (then 20) minutes behind this one.
             Path(CLOCK).write_text(f"-{10 * (current.retry_count + 1)}m")
