@@ -204,3 +204,14 @@ class CardTables(HTMLParser):
 
     def rows(self, table: str) -> list[dict]:
         return self.tables.get(table, [])
+
+
+def assert_demo_checkpoints(checkpoints) -> None:
+    """The checkpoints of flows/train_numpy.py's train task (killed at epochs 8 and 16, newest
+    first): each attempt saved only its own epochs and ended at 8, 16 and 24. Its epochs take
+    microseconds, so batching writes some of its 24 saves (the newest of each burst)."""
+    attempts = [c.attempt for c in checkpoints]
+    assert attempts == sorted(attempts, reverse=True) and set(attempts) == {0, 1, 2}, attempts
+    for attempt, (first, last) in enumerate([(1, 8), (9, 16), (17, 24)]):
+        epochs = [c.metadata["epoch"] for c in checkpoints if c.attempt == attempt]
+        assert epochs[0] == last and all(first <= e <= last for e in epochs), (attempt, epochs)
