@@ -42,6 +42,7 @@ def kill_at(global_step: int):
         def on_save(self, args, state, control, **kwargs):
             if state.global_step == global_step:
                 shutil.rmtree(args.output_dir)  # the next attempt may run on another machine
+                current.checkpoint.wait()  # the crash strikes once that save is durable
                 print(f"attempt {current.retry_count}: killed at global step {global_step}")
                 os.kill(os.getpid(), signal.SIGKILL)
 

@@ -58,6 +58,7 @@ def kill_at(global_step: int):
         def on_train_batch_end(self, trainer, *args):
             if trainer.global_step == global_step:
                 shutil.rmtree(trainer.checkpoint_callback.dirpath)
+                current.checkpoint.wait()  # the crash strikes once the last save is durable
                 print(f"attempt {current.retry_count}: killed at global step {global_step}")
                 os.kill(os.getpid(), signal.SIGKILL)
 

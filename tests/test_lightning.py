@@ -76,6 +76,7 @@ def test_every_lightning_save_is_stored_and_the_next_attempt_resumes_without_lig
                          callbacks=[callback, ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1)])
     data = DataLoader(TensorDataset(torch.randn(16, 4), torch.randn(16)), batch_size=8)
     trainer.fit(Model(), data)
+    cp.wait()
     saved = sorted(cp.list(), key=lambda c: c.metadata["global_step"])
     assert [(c.metadata["epoch"], c.metadata["global_step"]) for c in saved] == [(0, 2), (1, 4)]
     first, last = (c.metadata["path"] for c in saved)
@@ -92,6 +93,7 @@ def test_every_lightning_save_is_stored_and_the_next_attempt_resumes_without_lig
     again = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
                        callbacks=[resumed, ModelCheckpoint(dirpath=str(tmp_path / "ckpt2"))])
     again.fit(Model(), data, ckpt_path=last)
+    cp1.wait()
     assert again.global_step == 6 and [c.metadata["global_step"] for c in cp1.list(attempt=1)] == [6]
     with pytest.raises(FileNotFoundError):  # the restored dict is served once, then only files
         again.strategy.checkpoint_io.load_checkpoint(last)

@@ -90,5 +90,6 @@ def test_node_positions_inside_a_foreach(tmp_path):
         for n in range(saves):
             api._ctx.flow.n = n
             api.save(step=n)
+        api.wait()
     rows = node_rows(Checkpointer(open_store(root)), TaskLocation("F", "9", "train", "5", "3.0"), nodes)
     assert [(r.pathspec, r.count, r.newest.step) for r in rows] == [("F/9/train/5", 2, 1), ("F/9/train/5_node_1", 3, 2)]

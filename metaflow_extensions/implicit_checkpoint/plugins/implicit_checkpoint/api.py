@@ -98,8 +98,8 @@ class CurrentCheckpoint:
         """Snapshot the step's attributes and return the checkpoint.
 
         Returns once the state is captured, without waiting on storage: small states are
-        written by a background thread (batched: of saves arriving faster than one per 50 ms,
-        the newest of each name is written), large ones by a forked writer. The returned
+        written by a background thread (batched: of saves arriving while it writes, the newest
+        of each name is written next), large ones by a forked writer. The returned
         artifact then lacks payload hashes and ``written``; ``wait()`` returns the stored ones.
         ``wait=True`` is a critical save: it returns only when this and every earlier save is
         durable.

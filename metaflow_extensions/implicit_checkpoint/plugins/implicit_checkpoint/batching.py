@@ -3,20 +3,19 @@
 A small save is captured in the step (pickled, its mutable buffers copied: it is small) and
 handed to the writer thread, which commits it (``Checkpointer.commit``) while the step runs on.
 
-Batching: the pending saves hold only the newest save of each name (and step: saves with
-different ``step=`` numbers are all kept, as a user asks for them by step), and the writer
-commits a save of the name it committed last no sooner than ``BATCH_SECONDS`` after it (unless
-flushed; saves of other names go at once). A save that arrives while an older one of the same name still
-waits replaces it: the older one is never written (it is *superseded*; the newer one holds
-everything it held, and takes its parent, so lineage has no gap). So a loop that saves a
-thousand times a second writes about twenty checkpoints a second, each holding the newest
-state, while a loop that saves once a second writes every save. At most ``MAX_WAITING`` names
-wait: a save of yet another name waits for room (back-pressure: memory stays bounded).
+Batching: the writer commits each save as soon as it is free, and the saves waiting meanwhile
+hold only the newest save of each name (and step: saves with different ``step=`` numbers are
+all kept, as a user asks for them by step). A save that arrives while an older one of the same
+name still waits replaces it: the older one is never written (it is *superseded*; the newer
+one holds everything it held, and takes its parent, so lineage has no gap). So a loop that
+saves faster than storage writes has its newest state written each time the writer is free,
+while a loop that saves once a second writes every save. At most ``MAX_WAITING`` names wait:
+a save of yet another name waits for room (back-pressure: memory stays bounded).
 
 Flushing (``wait``): every pending save is written at once, in order, and ``wait`` returns when
 all are durable. ``save(wait=True)``, ``wait()``, every read in the step and the end of the step
-(success or failure) flush. A crash loses the pending saves (at most ``BATCH_SECONDS`` of saves
-of each name, plus the one being written), never a committed one.
+(success or failure) flush. A crash loses the pending saves (at most the newest waiting save of
+each name, plus the one being written), never a committed one.
 
 Right after each commit the thread calls ``on_commit`` (cheap and thread-safe: the card's
 "refresh soon"), so a checkpoint shows on the live card while the step computes on. Results
@@ -27,7 +26,6 @@ from __future__ import annotations
 
 import atexit
 import threading
-import time
 import weakref
 from dataclasses import replace
 from typing import Callable, Iterator, Optional
@@ -35,7 +33,6 @@ from typing import Callable, Iterator, Optional
 from .manifest import CheckpointArtifact
 from .writer import Capture
 
-BATCH_SECONDS = 0.05
 MAX_WAITING = 8
 
 
@@ -43,18 +40,13 @@ class BatchedSaves:
     """One writer thread for one task's small saves."""
 
     def __init__(self, commit: Callable[[Capture], CheckpointArtifact],
-                 on_commit: Callable[[CheckpointArtifact], None] = lambda artifact: None,
-                 batch_seconds: float = BATCH_SECONDS):
+                 on_commit: Callable[[CheckpointArtifact], None] = lambda artifact: None):
         self._commit, self._on_commit = commit, on_commit
-        self._batch = batch_seconds
         self._cond = threading.Condition()
         self._pending: dict[tuple, Capture] = {}  # (name, step) -> newest capture, oldest first
         self._superseded: dict[str, Optional[str]] = {}  # key never written -> its parent
         self._results: list[dict] = []
         self._busy = False
-        self._flushing = 0
-        self._last = 0.0
-        self._last_slot: Optional[tuple] = None
         self._thread: Optional[threading.Thread] = None
         self._committing = threading.Lock()  # held while a commit runs (see ``quiet``)
 
@@ -99,15 +91,10 @@ class BatchedSaves:
             return self._take()
 
     def wait(self) -> list[dict]:
-        """Write every pending save now; return all results not yet returned."""
+        """Wait until every pending save is written; return all results not yet returned."""
         with self._cond:
-            self._flushing += 1
-            self._cond.notify_all()
-            try:
-                while self._pending or self._busy:
-                    self._cond.wait()
-            finally:
-                self._flushing -= 1
+            while self._pending or self._busy:
+                self._cond.wait()
             return self._take()
 
     def quiet(self) -> "threading.Lock":
@@ -135,33 +122,19 @@ class BatchedSaves:
                 except BaseException as exc:  # reported in the step, naming the checkpoint
                     result = {"key": cap.key, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
             with self._cond:
-                self._busy, self._last = False, time.monotonic()
+                self._busy = False
                 self._results.append(result)
                 self._cond.notify_all()
 
     def _next(self) -> Iterator[Capture]:
         while True:
             with self._cond:
-                while True:
-                    slot = self._ready()
-                    if slot is not None:
-                        break
-                    left = self._last + self._batch - time.monotonic()
-                    self._cond.wait(max(left, 0.001) if self._pending else None)
-                cap = self._pending.pop(slot)
-                self._busy, self._last_slot = True, slot
+                while not self._pending:
+                    self._cond.wait()
+                cap = self._pending.pop(next(iter(self._pending)))  # the oldest
+                self._busy = True
                 self._cond.notify_all()  # room for a save of another name
             yield cap
-
-
-    def _ready(self) -> Optional[tuple]:
-        """The (name, step) to commit now: the oldest waiting one, unless it is the one committed
-        last less than ``BATCH_SECONDS`` ago (then another, if any waits)."""
-        recent = time.monotonic() - self._last < self._batch and not self._flushing
-        for slot in self._pending:
-            if not (recent and slot == self._last_slot):
-                return slot
-        return None
 
 
 def _slot(cap: Capture) -> tuple:

@@ -125,7 +125,9 @@ class MetaflowCheckpointCallback(TrainerCallback):
                 "MetaflowCheckpointCallback reads the folder under args.output_dir (hyperparameter "
                 "searches write elsewhere: save from each trial's own step instead).")
         setattr(self.flow, self.attribute, TrainerFolder.read(folder, state.global_step))
-        current.checkpoint.save(metadata=_metadata(state))
+        # step=: every Trainer save is kept (saves of different steps never supersede each
+        # other) and load(step=N) finds it
+        current.checkpoint.save(metadata=_metadata(state), step=state.global_step)
 
 
 def _metadata(state) -> dict:

@@ -105,7 +105,10 @@ class MetaflowCheckpointCallback(Callback):
     def save(self, saved: LightningCheckpoint) -> None:
         setattr(self.flow, self.attribute, saved)
         meta = {"epoch": saved.checkpoint.get("epoch"), "global_step": saved.checkpoint.get("global_step")}
-        current.checkpoint.save(metadata={**meta, "path": saved.path})
+        # step=: every Lightning save is kept (saves of different steps never supersede each
+        # other) and load(step=N) finds it
+        step = meta["global_step"] if isinstance(meta["global_step"], int) and meta["global_step"] >= 0 else None
+        current.checkpoint.save(metadata={**meta, "path": saved.path}, step=step)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # Before the Trainer restores a checkpoint, so that it reads ckpt_path through us.
