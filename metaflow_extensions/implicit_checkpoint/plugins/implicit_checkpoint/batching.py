@@ -25,6 +25,7 @@ Right after each commit the thread calls ``on_commit`` (cheap and thread-safe: t
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
 import weakref
 from dataclasses import replace
@@ -118,9 +119,11 @@ class BatchedSaves:
                 try:
                     cap = replace(cap, parent=self.parent_of(cap.parent))
                     result = {"key": cap.key, "ok": True, "artifact": self._commit(cap), "announced": True}
-                    self._on_commit(result["artifact"])
                 except BaseException as exc:  # reported in the step, naming the checkpoint
                     result = {"key": cap.key, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            if result["ok"]:
+                with contextlib.suppress(Exception):  # a card that cannot refresh fails no save
+                    self._on_commit(result["artifact"])
             with self._cond:
                 self._busy = False
                 self._results.append(result)
