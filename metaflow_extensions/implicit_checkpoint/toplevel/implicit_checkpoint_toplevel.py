@@ -9,5 +9,8 @@ from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.manifes
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.version import (
     __version__,
 )
+from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.files import (  # noqa: F401
+    Directory,
+)
 
 __mf_extensions__ = "implicit-checkpoint"

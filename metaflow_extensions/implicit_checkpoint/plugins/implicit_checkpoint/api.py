@@ -10,6 +10,7 @@ from . import retention
 from .background import raise_failures
 from .checkpointer import Checkpointer
 from .exceptions import CheckpointError, CheckpointFormatError, CheckpointNotFound
+from .files import restore_all
 from .lineage import lineage as follow_lineage
 from .manifest import CheckpointArtifact, TaskLocation, parse_key
 from .recovery import restore_newest_intact
@@ -198,7 +199,7 @@ class CurrentCheckpoint:
         else:
             key = self._own_flow_key(reference)
             artifact, values = self._committed(lambda: self._checkpointer.load(key))
-        for name, value in values.items():
+        for name, value in restore_all(values).items():  # folders written back to their paths
             setattr(self._ctx.flow, name, value)
         self._loaded = artifact
         self._parent = artifact.key

@@ -105,6 +105,8 @@ def field_rows(artifact: CheckpointArtifact) -> list[tuple[str, ...]]:
     for name, f in artifact.fields.items():
         shape = "" if f.shape is None else "x".join(map(str, f.shape)) or "scalar"
         shape = " ".join(filter(None, [shape, f.dtype or "", f.device or ""]))
+        if f.files is not None:
+            shape = f"{len(f.files)} files" + (f", {len(f.skipped)} skipped" if f.skipped else "")
         rows.append((name, f.type, human_bytes(f.size), shape, ", ".join(f.shares)))
     return rows
 

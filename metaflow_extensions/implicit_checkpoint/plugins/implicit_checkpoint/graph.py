@@ -39,6 +39,7 @@ import cloudpickle
 
 from . import segments, tensors
 from .exceptions import CheckpointRestoreError, CheckpointSaveError
+from .files import Directory
 from .snapshot import type_name
 
 SERIALIZER = "graph-cloudpickle5"
@@ -200,7 +201,10 @@ def _is_state(obj: Any) -> bool:
 
 
 def describe(value: Any) -> dict:
-    """Shape, dtype (and device, for tensors) of an array-like attribute, for ``inspect()``."""
+    """Shape, dtype (and device, for tensors) of an array-like attribute, the files of a
+    ``Directory``, for ``inspect()``."""
+    if isinstance(value, Directory):
+        return value.describe()
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
     if shape is None or dtype is None or not hasattr(value, "ndim"):
         return {}

@@ -99,6 +99,8 @@ class FieldEntry:
     shape: Optional[tuple] = None
     dtype: Optional[str] = None
     device: Optional[str] = None
+    files: Optional[tuple] = None  # a Directory's [relative path, size] pairs
+    skipped: Optional[tuple] = None  # ... and what it left out (links, special files)
 
     @classmethod
     def from_dict(cls, data: dict) -> "FieldEntry":
@@ -280,7 +282,7 @@ def _step_ok(step: Any) -> bool:
 
 _V1_KEYS = {"type", "size", "hash", "serializer"}
 _V2_KEYS = {"type", "size", "span"}
-_V2_OPTIONAL = {"buffers", "shares", "shape", "dtype", "device"}
+_V2_OPTIONAL = {"buffers", "shares", "shape", "dtype", "device", "files", "skipped"}
 
 
 def chunks_of(payload: list) -> list:
