@@ -15,7 +15,8 @@ from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.files i
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.manifest import TaskLocation
 from metaflow_extensions.implicit_checkpoint.plugins.implicit_checkpoint.store import open_store
 
-from conftest import FLOWS
+from conftest import FLOWS, CardTables
+from test_card import card_html
 
 LOC = TaskLocation("FilesFlow", "1", "train", "3")
 
@@ -101,3 +102,7 @@ def test_a_killed_run_resumes_with_its_folder_restored(run_flow):
     a, b = Run(f"FilesFlow/{crashed.run_id}"), Run(f"FilesFlow/{clean.run_id}")
     assert a.data.digest == b.data.digest and a.data.epoch == 5
     assert a.data.out.path == f"adapter-{crashed.run_id}" and a.data.out._files is None
+    html = card_html(run_flow, FLOWS / "files_state.py", f"{crashed.run_id}/start")
+    row = CardTables(html).rows("checkpoints")[-1]
+    assert "out (3 files)" in row["cells"][4]  # the card's Fields column names the folder's files
+    assert "adapter.bin (32.0 KiB)" in html and "base.bin (4.0 MiB)" in html
