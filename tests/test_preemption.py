@@ -145,3 +145,13 @@ def test_sigterm_mid_loop_then_retry_resumes_from_the_save_after_the_signal(meta
     assert len(saved) == 1 and saved[0].size > 32 << 20
     assert task.data.resumed_from == saved[0].key and task.data.resumed_at == saved[0].step >= 5
     assert task.data.epoch == 20 and task.data.big[0] == saved[0].step
+
+
+def test_the_preemptible_example_resumes_from_the_save_made_after_sigterm(run_flow):
+    """flows/preemptible.py sends itself SIGTERM at epoch 7: it saves at 7 and returns, the
+    retry resumes at 7 (not at 5, its last periodic save) and ends with the uninterrupted history."""
+    from conftest import FLOWS
+
+    result = run_flow(FLOWS / "preemptible.py", "run")
+    assert "attempt 1: resumed at epoch 7 (saved after the SIGTERM)" in result.output
+    assert "12 epochs, the same history as an uninterrupted run" in result.output
