@@ -23,7 +23,7 @@ def pytest_collection_finish(session):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None and len(session.items) > 100:
         reporter.write_line(
-            f"{len(session.items)} tests: about 13 minutes on two free cores, 20 or more on a busy "
+            f"{len(session.items)} tests: about 15 minutes on two free cores, 20 or more on a busy "
             "machine (real Metaflow runs). One file: python -m pytest -q tests/test_errors.py"
         )
 
