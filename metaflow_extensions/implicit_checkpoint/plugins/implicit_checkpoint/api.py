@@ -52,7 +52,7 @@ class CurrentCheckpoint:
         self._checkpointer = checkpointer
         self._ctx = ctx
         self._saver = Saver(checkpointer, ctx.async_saves, on_commit=ctx.on_saved)
-        self._where = f"step {ctx.location.step!r} ({ctx.location.pathspec}, attempt {ctx.attempt})"
+        self._where = ctx.location.where(ctx.attempt)
         self._looked_up = False
         self._resumable: Optional[CheckpointArtifact] = None
         self._fallbacks: Optional[Iterator[CheckpointArtifact]] = None  # the lookup's other candidates
@@ -135,14 +135,15 @@ class CurrentCheckpoint:
 
     def _dispatch(self, cap: Capture, wait: bool, pin: bool) -> CheckpointArtifact:
         """Commit ``cap`` now (critical), or hand it to a writer (``saving.py``)."""
-        if self._saver.commits_now(cap, wait, pin):
+        route = self._saver.route(cap, wait, pin)
+        if route is None:
             self._settle(self._saver.flush())  # everything before it first
             artifact = self._saver.commit(cap, pin)
             self._parent = artifact.key
             self._ctx.on_saved(artifact)
             self._retain([artifact])
             return artifact
-        done = self._saver.submit(cap, pin)
+        done = self._saver.submit(cap, pin, route)
         self._parent = cap.key
         self._settle(done)
         pending = cap.artifact(url=self._checkpointer.store.manifest_url(cap.loc, cap.checkpoint_id))
@@ -154,17 +155,9 @@ class CurrentCheckpoint:
         return self._settle(self._saver.flush())
 
     def _settle(self, results: list[dict]) -> list[CheckpointArtifact]:
-        done = []
-        for result in results:
-            if result.get("ok"):
-                artifact = result["artifact"]
-                if isinstance(artifact, dict):  # from a forked writer
-                    artifact = CheckpointArtifact.from_dict(artifact)
-                    self._checkpointer.remember(artifact)
-                    self._checkpointer.store.remember(result.get("known", {}))
-                if not result.get("announced"):  # the writer thread calls on_saved itself
-                    self._ctx.on_saved(artifact)
-                done.append(artifact)
+        """Apply retention after saves the writers committed (each already announced by
+        ``on_saved``: saving.py); raise the failures, naming the checkpoints."""
+        done = [result["artifact"] for result in results if result.get("ok")]
         if done:
             self._retain(done)
         raise_failures(results, self._where)

@@ -118,7 +118,7 @@ class BatchedSaves:
             with self._committing:
                 try:
                     cap = replace(cap, parent=self.parent_of(cap.parent))
-                    result = {"key": cap.key, "ok": True, "artifact": self._commit(cap), "announced": True}
+                    result = {"key": cap.key, "ok": True, "artifact": self._commit(cap)}
                 except BaseException as exc:  # reported in the step, naming the checkpoint
                     result = {"key": cap.key, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
             if result["ok"]:

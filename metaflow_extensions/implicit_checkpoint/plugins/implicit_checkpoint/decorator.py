@@ -186,7 +186,7 @@ class CheckpointDecorator(StepDecorator):
         from metaflow.metaflow_config import IMPLICIT_CHECKPOINT_PREEMPT_SECONDS
 
         preemption = Preemption(
-            f"step {location.step!r} ({location.pathspec}, attempt {attempt})",
+            location.where(attempt),
             grace=float(IMPLICIT_CHECKPOINT_PREEMPT_SECONDS),
             notice=lambda: getattr(current, "spot_termination_notice", None),  # @batch/@kubernetes set it
         )

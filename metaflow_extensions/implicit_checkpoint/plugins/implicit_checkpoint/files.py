@@ -46,9 +46,10 @@ class Directory:
         return f"Directory({self.path!r}{held})"
 
     def files(self) -> list[tuple[str, int]]:
-        """(relative path, size) of the regular files under the folder, sorted."""
-        return [(rel, len(data)) for rel, _, data in self._read()] if self._files is None else \
-            [(rel, len(data)) for rel, _, data in self._files]
+        """(relative path, size) of the regular files under the folder (or held since a load)."""
+        if self._files is not None:
+            return [(rel, len(data)) for rel, _, data in self._files]
+        return [(rel, info.st_size) for rel, _, info in self._walk()]
 
     def restore(self, to: Optional[str] = None) -> "Directory":
         """Write the files a load brought back to ``to`` (default: the saved path), replacing
@@ -73,21 +74,26 @@ class Directory:
         self._files = None  # the bytes are on disk now: not held twice
         return restored
 
-    def _read(self) -> list[tuple[str, int, bytes]]:
-        found, self.skipped = [], []
+    def _walk(self):
+        """(relative path, full path, lstat) of each regular file, sorted; ``skipped`` the rest."""
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"Directory({self.path!r}): no such folder")
+        self.skipped = []
         for folder, dirs, names in os.walk(self.path):
             dirs.sort()
             for name in sorted(names):
                 full = os.path.join(folder, name)
-                rel = os.path.relpath(full, self.path)
-                info = os.lstat(full)
-                if not stat.S_ISREG(info.st_mode):
+                rel, info = os.path.relpath(full, self.path), os.lstat(full)
+                if stat.S_ISREG(info.st_mode):
+                    yield rel, full, info
+                else:
                     self.skipped.append(rel)
-                    continue
-                with open(full, "rb") as f:
-                    found.append((rel, stat.S_IMODE(info.st_mode), f.read()))
+
+    def _read(self) -> list[tuple[str, int, bytes]]:
+        found = []
+        for rel, full, info in self._walk():
+            with open(full, "rb") as f:
+                found.append((rel, stat.S_IMODE(info.st_mode), f.read()))
         return found
 
     def __reduce_ex__(self, protocol: int) -> tuple:

@@ -50,6 +50,10 @@ class TaskLocation:
     def pathspec(self) -> str:
         return f"{self.flow}/{self.run}/{self.step}/{self.task}"
 
+    def where(self, attempt: int) -> str:
+        """How messages name an attempt of this task: ``step 'train' (F/1/train/2, attempt 0)``."""
+        return f"step {self.step!r} ({self.pathspec}, attempt {attempt})"
+
     def key(self, checkpoint_id: str) -> str:
         return f"{self.pathspec}/{self.position}/{checkpoint_id}"
 

@@ -14,7 +14,7 @@ that are ``bytes`` (the runs of long lists, big strings: ``segments.py``) cannot
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Optional
 
 from .background import BackgroundSaves
 from .batching import BatchedSaves
@@ -32,34 +32,50 @@ class Saver:
     def __init__(self, checkpointer: Checkpointer, async_saves: bool,
                  on_commit: Callable[[CheckpointArtifact], None] = lambda artifact: None):
         self.checkpointer = checkpointer
+        self._on_commit = on_commit
         usable = async_saves and checkpointer.store.shared_across_processes
         self._forked = BackgroundSaves() if usable and BackgroundSaves.available() else None
         self._batched = BatchedSaves(checkpointer.commit, on_commit) if async_saves else None
 
-    def commits_now(self, cap: Capture, wait: bool, pin: bool) -> bool:
+    def route(self, cap: Capture, wait: bool, pin: bool) -> Optional[str]:
+        """``None``: commit ``cap`` now (``flush()`` then ``commit()``); else the writer
+        ``submit()`` hands it to: ``"thread"`` or ``"fork"``."""
         big = _copied_bytes(cap) >= ASYNC_MIN_BYTES
-        return self._batched is None or wait or (pin and not big) or (big and self._forked is None)
+        if self._batched is None or wait or (pin and not big) or (big and self._forked is None):
+            return None
+        return "fork" if big else "thread"
 
     def commit(self, cap: Capture, pin: bool) -> CheckpointArtifact:
         """Write ``cap`` in the step (after ``flush()``)."""
         return self.checkpointer.commit(self._with_written_parent(cap), pin)
 
-    def submit(self, cap: Capture, pin: bool) -> list[dict]:
-        """Hand ``cap`` to a writer; the results of saves that finished meanwhile."""
-        if _copied_bytes(cap) < ASYNC_MIN_BYTES:
+    def submit(self, cap: Capture, pin: bool, route: str) -> list[dict]:
+        """Hand ``cap`` to the writer ``route`` names; the results of saves that finished meanwhile."""
+        if route == "thread":
             return self._batched.submit(_with_own_buffers(cap))
         self._batched.supersede(cap)  # this newer save goes to a forked writer
         cap, store = self._with_written_parent(cap), self.checkpointer.store
         with self._batched.quiet():  # the child inherits no lock the writer thread holds
-            return self._forked.submit(cap.key, lambda: _commit_in_child(store, cap, pin))
+            return self._settled(self._forked.submit(cap.key, lambda: _commit_in_child(store, cap, pin)))
 
     def poll(self) -> list[dict]:
         """Results of the saves written since the last call, without waiting."""
-        return [*(self._batched.poll() if self._batched else []), *(self._forked.poll() if self._forked else [])]
+        return [*(self._batched.poll() if self._batched else []), *self._settled(self._forked.poll() if self._forked else [])]
 
     def flush(self) -> list[dict]:
         """Write every pending save now; their results."""
-        return [*(self._batched.wait() if self._batched else []), *(self._forked.wait() if self._forked else [])]
+        return [*(self._batched.wait() if self._batched else []), *self._settled(self._forked.wait() if self._forked else [])]
+
+    def _settled(self, results: list[dict]) -> list[dict]:
+        """Results of forked writers in the shape of the writer thread's: the stored checkpoint
+        (remembered, with the payloads the child learnt of), announced by ``on_commit``."""
+        for result in results:
+            if result.get("ok"):
+                result["artifact"] = CheckpointArtifact.from_dict(result["artifact"])
+                self.checkpointer.remember(result["artifact"])
+                self.checkpointer.store.remember(result.get("known", {}))
+                self._on_commit(result["artifact"])
+        return results
 
     @property
     def pending(self) -> int:
